@@ -1,0 +1,12 @@
+"""lowbit: run neural networks from compressed weights and a compressed KV cache.
+
+Kernels are ``torch.library`` custom ops in the ``lowbit`` namespace (``lowbit.ops``); the backend
+that runs them is chosen by one rule (``lowbit.backend``).
+"""
+
+from lowbit import backend, ops
+from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendUnavailableError", "FormatError", "LowbitError", "backend", "ops", "__version__"]
