@@ -1,6 +1,6 @@
 // Torch glue for the CUDA kernels: checks, output allocation, the current stream, registration.
 // Built only when torch has CUDA and nvcc is found (setup.py).
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "bindings.h"
@@ -21,7 +21,7 @@ at::Tensor pack_bits_cuda(const at::Tensor& values_in, int64_t bits) {
   const int64_t n = values.size(-1);
   at::Tensor packed = at::empty(with_last(values, packed_length(n, static_cast<int>(bits))), values.options());
   check_cuda(cuda::pack_bits(values.data_ptr<uint8_t>(), packed.data_ptr<uint8_t>(), leading_rows(values), n,
-                             static_cast<int>(bits), at::cuda::getCurrentCUDAStream()),
+                             static_cast<int>(bits), c10::cuda::getCurrentCUDAStream()),
              "lowbit::pack_bits (cuda)");
   return packed;
 }
@@ -32,7 +32,7 @@ at::Tensor unpack_bits_cuda(const at::Tensor& packed_in, int64_t bits, int64_t n
   const at::Tensor packed = packed_in.contiguous();
   at::Tensor values = at::empty(with_last(packed, n), packed.options());
   check_cuda(cuda::unpack_bits(packed.data_ptr<uint8_t>(), values.data_ptr<uint8_t>(), leading_rows(packed), n,
-                               static_cast<int>(bits), at::cuda::getCurrentCUDAStream()),
+                               static_cast<int>(bits), c10::cuda::getCurrentCUDAStream()),
              "lowbit::unpack_bits (cuda)");
   return values;
 }

@@ -43,4 +43,4 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, device=packed.device, dtype=torch.int32) * bits
     slots = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return slots.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)
+    return slots.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :n].to(torch.uint8)

@@ -1,0 +1,108 @@
+"""The backend-selection rule (lowbit.backend) and life without the compiled extension."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.errors import BackendUnavailableError
+
+from conftest import skip_unless_available
+
+
+def test_auto_prefers_the_native_cpu_kernel():
+    skip_unless_available("cpu", "cpu")
+    assert lowbit.backend.resolve("pack_bits", "auto", torch.device("cpu")) == "cpu"
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu():
+    assert lowbit.backend.resolve("pack_bits", "auto", torch.device("cpu")) in ("cpu", "reference")
+
+
+def test_environment_variable_is_the_default(monkeypatch):
+    monkeypatch.setenv("LOWBIT_BACKEND", "reference")
+    assert lowbit.backend.requested(None) == "reference"
+    assert lowbit.backend.requested("cpu") == "cpu", "the argument wins over the environment"
+    monkeypatch.setenv("LOWBIT_BACKEND", "Reference ")
+    assert lowbit.backend.requested(None) == "reference"
+
+
+def test_environment_variable_reaches_the_kernel(monkeypatch):
+    calls = []
+    impls = lowbit.backend._IMPLS["pack_bits"]
+    original = impls["reference"]
+    monkeypatch.setitem(impls, "reference", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setenv("LOWBIT_BACKEND", "reference")
+    lowbit.ops.pack_bits(torch.zeros(3, dtype=torch.uint8), 2)
+    assert len(calls) == 1
+
+
+def test_unknown_backend_names_the_source(monkeypatch):
+    with pytest.raises(ValueError, match=r"backend must be one of auto, cuda, triton, cpu, reference; got 'gpu'"):
+        lowbit.ops.pack_bits(torch.zeros(3, dtype=torch.uint8), 2, backend="gpu")
+    monkeypatch.setenv("LOWBIT_BACKEND", "fast")
+    with pytest.raises(ValueError, match=r"LOWBIT_BACKEND must be one of .*; got 'fast'"):
+        lowbit.ops.pack_bits(torch.zeros(3, dtype=torch.uint8), 2)
+
+
+def test_cuda_backend_on_cpu_tensors_is_refused():
+    with pytest.raises(BackendUnavailableError, match="runs on CUDA tensors, but the input is on cpu"):
+        lowbit.ops.pack_bits(torch.zeros(3, dtype=torch.uint8), 2, backend="cuda")
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("LOWBIT_BACKEND", "TRITON_INTERPRET")}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=full_env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_triton_on_cpu_without_interpreter_says_how_to_enable_it():
+    result = _run(
+        """
+        import torch, lowbit
+        try:
+            lowbit.ops.pack_bits(torch.zeros(3, dtype=torch.uint8), 2, backend="triton")
+        except lowbit.BackendUnavailableError as e:
+            print("ERROR:", e)
+        """
+    )
+    assert "set TRITON_INTERPRET=1" in result.stdout, result.stderr
+
+
+def test_import_and_fallbacks_without_the_extension():
+    result = _run(
+        """
+        import torch, lowbit
+        from lowbit import _native
+        assert not _native.status().loaded
+        v = torch.arange(10, dtype=torch.uint8)
+        # auto falls back to the reference; triton still runs in the interpreter
+        auto = lowbit.ops.pack_bits(v, 4)
+        tri = lowbit.ops.pack_bits(v, 4, backend="triton")
+        assert torch.equal(auto, tri), (auto, tri)
+        print("RESOLVED:", lowbit.backend.resolve("pack_bits", "auto", torch.device("cpu")))
+        try:
+            lowbit.ops.pack_bits(v, 4, backend="cpu")
+        except lowbit.BackendUnavailableError as e:
+            print("ERROR:", e)
+        """,
+        LOWBIT_DISABLE_NATIVE="1",
+        TRITON_INTERPRET="1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "RESOLVED: reference" in result.stdout
+    assert "needs the compiled extension: disabled by LOWBIT_DISABLE_NATIVE" in result.stdout
+    assert "pip install --no-build-isolation -e ." in result.stdout
+
+
+def test_available_reports_every_backend():
+    table = lowbit.backend.available("cpu")
+    assert set(table) == {"cuda", "triton", "cpu", "reference"}
+    assert table["reference"] is None
+    assert "CUDA tensors" in table["cuda"]
