@@ -1,0 +1,62 @@
+"""pytest-benchmark set-up for lowbit: options, and the results JSON written at the end."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import harness
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("lowbit")
+    group.addoption("--lowbit-results", default=None,
+                    help="path of the results JSON (default: bench/results/<date>_<device>.json)")
+    group.addoption("--lowbit-quick", action="store_true", help="small shapes and few rounds (harness self-test)")
+    group.addoption("--lowbit-device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+@pytest.fixture(scope="session")
+def quick(request) -> bool:
+    return request.config.getoption("--lowbit-quick")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    name = request.config.getoption("--lowbit-device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--lowbit-device cuda: no CUDA device is visible", returncode=2)
+    return torch.device(name)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not harness.RECORDS:
+        return
+    records = harness.pair_with_baselines(harness.RECORDS)
+    device = torch.device(session.config.getoption("--lowbit-device")
+                          or ("cuda" if torch.cuda.is_available() else "cpu"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = session.config.getoption("--lowbit-results")
+    if out is None:
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", harness.device_name(device)).strip("-").lower()[:40]
+        out = RESULTS_DIR / f"{now:%Y-%m-%d}_{slug}.json"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "date": now.isoformat(timespec="seconds"),
+        "device": harness.device_name(device),
+        "peaks": harness.device_peaks(device),
+        "versions": harness.versions(),
+        "quick": session.config.getoption("--lowbit-quick"),
+        "records": records,
+    }
+    out.write_text(json.dumps(doc, indent=1))
+    session.config._lowbit_results_path = str(out)
+    print(f"\nlowbit results: {out}")

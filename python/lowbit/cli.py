@@ -1,0 +1,173 @@
+"""Command line: ``lowbit demo``, ``lowbit bench``, ``lowbit info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import lowbit
+from lowbit import _native
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("lowbit: --device cuda asked for, but no CUDA device is visible")
+    return device
+
+
+def _backend_lines(device: torch.device) -> list[str]:
+    lines = []
+    for name, why in lowbit.backend.available(device).items():
+        lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    return lines
+
+
+def cmd_info(args) -> int:
+    device = _device(args.device)
+    native = _native.status()
+    print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
+    print(f"extension lowbit._C: {'loaded' if native.loaded else 'not loaded (' + str(native.error) + ')'}"
+          + (", with CUDA kernels" if native.cuda else ""))
+    print(f"backends for {device.type} tensors:")
+    print("\n".join(_backend_lines(device)))
+    return 0
+
+
+def _time(fn, device: torch.device, repeat: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _demo_bitpack(device: torch.device) -> bool:
+    """Pack 2/4/8-bit codes of a weight-sized matrix with every backend; check each against the reference."""
+    print("\nbit packing: the storage step every lowbit format shares")
+    print("  (codes of a 4096 x 1024 matrix; every backend must give the reference's bytes exactly)")
+    print(f"  {'bits':>4}  {'backend':<10} {'bytes':>10} {'of uint8':>9} {'exact':>6} {'median':>10}")
+    g = torch.Generator().manual_seed(0)
+    ok = True
+    for bits in (2, 4, 8):
+        codes = torch.randint(0, 1 << bits, (4096, 1024), generator=g, dtype=torch.uint8).to(device)
+        expected = lowbit.ops.pack_bits(codes, bits, backend="reference")
+        for backend, why in lowbit.backend.available(device).items():
+            if why is not None:
+                continue
+            if backend == "triton" and device.type == "cpu":
+                codes_small = codes[:64]
+                packed = lowbit.ops.pack_bits(codes_small, bits, backend=backend)
+                exact = torch.equal(packed, expected[:64]) and torch.equal(
+                    lowbit.ops.unpack_bits(packed, bits, codes.shape[-1], backend=backend), codes_small)
+                note = "(interpreted, 64 rows)"
+            else:
+                packed = lowbit.ops.pack_bits(codes, bits, backend=backend)
+                exact = torch.equal(packed, expected) and torch.equal(
+                    lowbit.ops.unpack_bits(packed, bits, codes.shape[-1], backend=backend), codes)
+                seconds = _time(lambda: lowbit.ops.pack_bits(codes, bits, backend=backend), device)
+                note = f"{seconds * 1e3:8.3f} ms"
+            ok &= exact
+            print(f"  {bits:>4}  {backend:<10} {expected.numel():>10,} {expected.numel() / codes.numel():>8.0%}"
+                  f" {'yes' if exact else 'NO':>6} {note:>10}")
+    return ok
+
+
+def cmd_demo(args) -> int:
+    cmd_info(args)
+    ok = _demo_bitpack(_device(args.device))
+    print("\nall backends agree with the reference" if ok else "\nMISMATCH: a backend disagrees with the reference")
+    return 0 if ok else 1
+
+
+def _bench_dir(path: str | None) -> Path:
+    candidates = [Path(path)] if path else [
+        Path(lowbit.__file__).resolve().parents[2] / "bench",  # source checkout (editable install)
+        Path.cwd() / "bench",
+    ]
+    for candidate in candidates:
+        if (candidate / "harness.py").exists():
+            return candidate
+    raise SystemExit(
+        "lowbit bench: no benchmark folder found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); run it from a source checkout or pass --path"
+    )
+
+
+def format_results(doc: dict) -> str:
+    """A readable table of a results JSON written by bench/conftest.py."""
+    lines = [f"{doc['device']} | {doc['date']} | torch {doc['versions']['torch']}"]
+    header = f"{'case':<34} {'backend':<10} {'median':>11} {'GB/s':>9} {'TFLOP/s':>8} {'% peak':>7} {'vs base':>8}"
+    lines += [header, "-" * len(header)]
+    for r in sorted(doc["records"], key=lambda r: (r["case"], r["backend"] != "baseline", r["backend"])):
+        tflops = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
+        pct = f"{r['pct_peak']:.1f}" if r.get("pct_peak") is not None else "-"
+        speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
+        median = f"{r['median_s'] * 1e6:.1f} us"
+        lines.append(f"{r['case']:<34} {r['backend']:<10} {median:>11} {r['gbps']:>9.1f} {tflops:>8} {pct:>7} {speedup:>8}")
+    lines.append("vs base: baseline median / ours (> 1 is faster than torch's dense op on the same data)")
+    return "\n".join(lines)
+
+
+def cmd_bench(args, extra: list[str]) -> int:
+    bench = _bench_dir(args.path)
+    out = Path(args.out) if args.out else None
+    cmd = [sys.executable, "-m", "pytest", str(bench), "-q", "-p", "no:cacheprovider",
+           "--benchmark-disable-gc", "--benchmark-columns=median,iqr,rounds"]
+    if out is not None:
+        cmd += ["--lowbit-results", str(out)]
+    if args.quick:
+        cmd.append("--lowbit-quick")
+    if args.device:
+        cmd += ["--lowbit-device", args.device]
+    cmd += extra
+    proc = subprocess.run(cmd, cwd=bench, capture_output=True, text=True)
+    written = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("lowbit results: ")]
+    if proc.returncode != 0 or not written:
+        sys.stdout.write(proc.stdout[-6000:])
+        sys.stderr.write(proc.stderr[-6000:])
+        print(f"lowbit bench: pytest exited with {proc.returncode}" + ("" if written else "; no results written"))
+        return proc.returncode or 1
+    path = Path(written[-1])
+    print(format_results(json.loads(path.read_text())))
+    print(f"\nresults: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lowbit", description=lowbit.__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_demo = sub.add_parser("demo", help="run every available backend on built-in data and check it")
+    p_info = sub.add_parser("info", help="show the extension and which backends can run")
+    p_bench = sub.add_parser("bench", help="run the benchmarks (extra arguments go to pytest, e.g. -k bits4)")
+    for p in (p_demo, p_info, p_bench):
+        p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when visible")
+    p_bench.add_argument("--path", help="benchmark folder (default: bench/ of the source checkout)")
+    p_bench.add_argument("--out", help="results JSON path (default: bench/results/<date>_<device>.json)")
+    p_bench.add_argument("--quick", action="store_true", help="small shapes, few rounds")
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return {"demo": cmd_demo, "info": cmd_info}[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
