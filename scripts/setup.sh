@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (or $LOWBIT_VENV) if needed and installs torch, lowbit (with its C++ extension)
+# and the test tools into it. Safe to run again; later runs only rebuild what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${LOWBIT_VENV:-.venv}"
+python="${PYTHON:-python3}"
+
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || { echo "lowbit needs Python >= 3.10; $python is $("$python" --version)" >&2; exit 1; }
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+
+"${pip[@]}" install --upgrade pip setuptools wheel ninja
+# The CPU build of torch 2.13.0; an unpinned torch would pull several GB of CUDA packages.
+"$venv/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" install "torch==${LOWBIT_TORCH_VERSION:-2.13.0}"
+# --no-build-isolation: build the extension against the torch installed above.
+MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${pip[@]}" install --no-build-isolation -e ".[test]"

@@ -1,0 +1,65 @@
+"""`lowbit demo`, `lowbit info` and `lowbit bench` as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lowbit import cli
+
+from conftest import skip_unless_available
+
+
+def _lowbit(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "lowbit.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_demo_checks_every_backend_against_the_reference():
+    result = _lowbit("demo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all backends agree with the reference" in result.stdout
+    assert "reference" in result.stdout and "triton" in result.stdout  # conftest sets TRITON_INTERPRET
+
+
+def test_info_lists_every_backend():
+    result = _lowbit("info")
+    assert result.returncode == 0, result.stderr
+    for name in ("cuda", "triton", "cpu", "reference"):
+        assert f"  {name}" in result.stdout
+
+
+def test_bench_writes_paired_results(tmp_path):
+    skip_unless_available("cpu", "cpu")
+    out = tmp_path / "results.json"
+    result = _lowbit("bench", "--quick", "--out", str(out), "-k", "bits4 and not unpack")
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["versions"]["torch"] and doc["device"] and doc["date"]
+    by_backend = {r["backend"]: r for r in doc["records"]}
+    assert {"baseline", "reference", "cpu"} <= set(by_backend)
+    for name in ("reference", "cpu"):
+        r = by_backend[name]
+        assert r["op"] == "pack_bits" and r["dtype"] == "uint8" and r["shapes"]["values"] == [64, 512]
+        assert r["median_s"] > 0 and r["gbps"] > 0
+        assert r["speedup"] == pytest.approx(by_backend["baseline"]["median_s"] / r["median_s"])
+    assert "vs base" in result.stdout and "pack_bits bits=4 64x512" in result.stdout
+
+
+def test_bench_without_a_benchmark_folder_says_so(tmp_path):
+    result = _lowbit("bench", "--path", str(tmp_path))
+    assert result.returncode != 0
+    assert "no benchmark folder found" in result.stderr
+
+
+def test_format_results_marks_missing_figures():
+    doc = {"device": "dev", "date": "d", "versions": {"torch": "t"}, "records": [
+        {"case": "c", "backend": "baseline", "median_s": 2e-6, "gbps": 1.0, "tflops": None, "pct_peak": None},
+        {"case": "c", "backend": "cpu", "median_s": 1e-6, "gbps": 2.0, "tflops": None, "pct_peak": 50.0,
+         "speedup": 2.0},
+    ]}
+    table = cli.format_results(doc).splitlines()
+    assert table[3].split()[:2] == ["c", "baseline"]  # baseline first within a case
+    assert table[4].split()[-2:] == ["50.0", "2.00x"]
