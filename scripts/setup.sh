@@ -14,5 +14,11 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install --upgrade pip setuptools wheel ninja
 # The CPU build of torch 2.13.0; an unpinned torch would pull several GB of CUDA packages.
 "$venv/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" install "torch==${LOWBIT_TORCH_VERSION:-2.13.0}"
-# --no-build-isolation: build the extension against the torch installed above.
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${pip[@]}" install --no-build-isolation -e ".[test]"
+# --no-build-isolation: build the extension against the torch installed above. The install is
+# editable, so only a change to the build inputs needs a rebuild.
+stamp="$venv/.lowbit-build-stamp"
+inputs=$(find csrc setup.py pyproject.toml -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! "$venv/bin/python" -c 'import lowbit._C' 2>/dev/null; then
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${pip[@]}" install --no-build-isolation -e ".[test]"
+  echo "$inputs" >"$stamp"
+fi
