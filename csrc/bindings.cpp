@@ -4,6 +4,7 @@
 
 #include "bindings.h"
 #include "cpu/bitpack.h"
+#include "cpu/dfloat.h"
 
 namespace lowbit {
 namespace {
@@ -28,11 +29,101 @@ at::Tensor unpack_bits_cpu(const at::Tensor& packed_in, int64_t bits, int64_t n)
   return values;
 }
 
+// ---- dfloat -----------------------------------------------------------------------------------
+
+template <typename T>
+struct Type {
+  using type = T;
+};
+
+// Calls fn(Type<Bits>{}) with Bits = uint16_t for bf16/fp16, uint32_t for fp32.
+template <typename Fn>
+auto dispatch_float_bits(at::ScalarType dtype, const char* name, Fn&& fn) {
+  switch (dtype) {
+    case at::kBFloat16:
+    case at::kHalf: return fn(Type<uint16_t>{});
+    case at::kFloat: return fn(Type<uint32_t>{});
+    default: TORCH_CHECK_TYPE(false, name, " must be bfloat16, float16 or float32, got ", dtype);
+  }
+}
+
+at::Tensor dfloat_histogram_cpu(const at::Tensor& x_in) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor counts = at::zeros({256}, x.options().dtype(at::kLong));
+  dispatch_float_bits(x.scalar_type(), "x", [&](auto type) {
+    using Bits = typename decltype(type)::type;
+    cpu::dfloat::histogram<Bits>(static_cast<const Bits*>(x.const_data_ptr()), x.numel(), counts.data_ptr<int64_t>());
+  });
+  return counts;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfloat_encode_cpu(
+    const at::Tensor& x_in, const at::Tensor& lengths, const at::Tensor& codewords, int64_t total_bits,
+    int64_t window_bits, int64_t windows_per_block) {
+  TORCH_CHECK(lengths.scalar_type() == at::kByte && lengths.numel() == 256 && lengths.is_contiguous(),
+              "lengths must be a contiguous uint8 tensor of 256 elements");
+  TORCH_CHECK(codewords.scalar_type() == at::kInt && codewords.numel() == 256 && codewords.is_contiguous(),
+              "codewords must be a contiguous int32 tensor of 256 elements");
+  TORCH_CHECK(window_bits >= 32 && window_bits % 32 == 0 && windows_per_block >= 1,
+              "window_bits must be a positive multiple of 32 and windows_per_block >= 1");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t n = x.numel();
+  const int raw_bytes = x.scalar_type() == at::kFloat ? 3 : 1;
+  const uint8_t* lens = lengths.const_data_ptr<uint8_t>();
+  // The caller derives total_bits from the histogram; recount to make sure the buffers fit.
+  const at::Tensor counts = dfloat_histogram_cpu(x);
+  int64_t expected = 0;
+  for (int s = 0; s < 256; ++s) {
+    const int64_t c = counts[s].item<int64_t>();
+    TORCH_CHECK(c == 0 || lens[s] > 0, "symbol ", s, " occurs but has no code");
+    expected += c * lens[s];
+  }
+  TORCH_CHECK(expected == total_bits, "total_bits = ", total_bits, " but the codes take ", expected, " bits");
+  const int64_t windows = (total_bits + window_bits - 1) / window_bits;
+  const int64_t blocks = (windows + windows_per_block - 1) / windows_per_block;
+  const int64_t padded = (((total_bits + 7) / 8 + 8) + 7) / 8 * 8;
+  const auto u8 = x.options().dtype(at::kByte);
+  at::Tensor codes = at::zeros({padded}, u8);
+  at::Tensor raw = at::empty({n * raw_bytes}, u8);
+  at::Tensor gaps = at::zeros({windows}, u8);
+  at::Tensor block_starts = at::empty({blocks + 1}, x.options().dtype(at::kLong));
+  const cpu::dfloat::Stream stream{codes.data_ptr<uint8_t>(), raw.data_ptr<uint8_t>(), gaps.data_ptr<uint8_t>(),
+                              block_starts.data_ptr<int64_t>(), total_bits, window_bits, windows_per_block};
+  dispatch_float_bits(x.scalar_type(), "x", [&](auto type) {
+    using Bits = typename decltype(type)::type;
+    cpu::dfloat::encode<Bits>(static_cast<const Bits*>(x.const_data_ptr()), n, lens,
+                         reinterpret_cast<const uint32_t*>(codewords.const_data_ptr<int32_t>()), stream);
+  });
+  at::Tensor packed_gaps = at::empty({(windows + 1) / 2}, u8);
+  cpu::pack_bits(gaps.const_data_ptr<uint8_t>(), packed_gaps.data_ptr<uint8_t>(), 1, windows, 4);
+  return {codes, raw, packed_gaps, block_starts};
+}
+
+at::Tensor dfloat_decode_cpu(const at::Tensor& codes, const at::Tensor& raw, const at::Tensor& gaps,
+                             const at::Tensor& block_starts, const at::Tensor& table, int64_t n,
+                             at::ScalarType dtype, int64_t total_bits, int64_t window_bits,
+                             int64_t windows_per_block) {
+  check_dfloat_stream(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block);
+  at::Tensor out = at::empty({n}, codes.options().dtype(dtype));
+  const char* error = dispatch_float_bits(dtype, "dtype", [&](auto type) {
+    using Bits = typename decltype(type)::type;
+    return cpu::dfloat::decode<Bits>(codes.const_data_ptr<uint8_t>(), codes.numel(), raw.const_data_ptr<uint8_t>(),
+                                gaps.const_data_ptr<uint8_t>(), block_starts.const_data_ptr<int64_t>(),
+                                table.const_data_ptr<int16_t>(), n, total_bits, window_bits, windows_per_block,
+                                static_cast<Bits*>(out.data_ptr()));
+  });
+  TORCH_CHECK_VALUE(error == nullptr, "corrupted dfloat stream: ", error);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("_pack_bits_native", &pack_bits_cpu);
   m.impl("_unpack_bits_native", &unpack_bits_cpu);
+  m.impl("_dfloat_histogram_native", &dfloat_histogram_cpu);
+  m.impl("_dfloat_encode_native", &dfloat_encode_cpu);
+  m.impl("_dfloat_decode_native", &dfloat_decode_cpu);
 }
 
 }  // namespace lowbit

@@ -22,7 +22,9 @@ import inspect
 import torch
 
 from lowbit import _native, backend as _backend
+from lowbit.errors import FormatError
 from lowbit.reference import bitpack as _ref_bitpack
+from lowbit.reference import dfloat as _ref_dfloat
 
 _lib = torch.library.Library("lowbit", "DEF")
 
@@ -31,7 +33,7 @@ def _triton(family: str):
     return importlib.import_module(f"lowbit.triton_kernels.{family}")
 
 
-def _define(name: str, args: str, returns: str, fake, check, impls: dict) -> None:
+def _define(name: str, args: str, returns: str, fake, check, impls: dict, native=("cpu", "cuda")) -> None:
     """Define ``lowbit::name`` (public, with backend) and ``lowbit::_name_native``.
 
     ``fake`` and ``check`` take the public op's arguments, ``backend`` last with a default, so
@@ -53,11 +55,11 @@ def _define(name: str, args: str, returns: str, fake, check, impls: dict) -> Non
     torch.library.register_fake(f"lowbit::{name}", checked_fake, lib=_lib)
     torch.library.register_fake(f"lowbit::_{name}_native", checked_fake, lib=_lib)
 
-    native = getattr(torch.ops.lowbit, f"_{name}_native")
+    native_op = getattr(torch.ops.lowbit, f"_{name}_native")
     for backend_name, fn in impls.items():
         _backend.register(name, backend_name, fn)
-    _backend.register(name, "cpu", native)
-    _backend.register(name, "cuda", native)
+    for device in native:  # devices for which lowbit._C registers a kernel
+        _backend.register(name, device, native_op)
 
     def route(*args, **kwargs):
         *args, backend = bind(args, kwargs)
@@ -147,6 +149,172 @@ def pack_bits(values: torch.Tensor, bits: int, *, backend: str | None = None) ->
 def unpack_bits(packed: torch.Tensor, bits: int, n: int, *, backend: str | None = None) -> torch.Tensor:
     """Inverse of ``pack_bits``: uint8 [..., ceil(n * bits / 8)] -> uint8 [..., n]."""
     return torch.ops.lowbit.unpack_bits(packed, bits, n, _backend.requested(backend))
+
+
+# ---------------------------------------------------------------------------------------------
+# dfloat: lossless floats, Huffman-coded symbols + raw bits (docs/formats.md, "dfloat").
+# The stream tensors: codes uint8 [padded bytes], raw uint8 [n * raw_bytes], gaps uint8
+# [ceil(windows / 2)] (4-bit packed), block_starts int64 [blocks + 1], table int16 [4096].
+
+_DFLOAT_STREAM = (
+    "Tensor codes, Tensor raw, Tensor gaps, Tensor block_starts, Tensor table, int total_bits, "
+    "int window_bits, int windows_per_block"
+)
+
+
+def _check_dfloat_stream(n, dtype, codes, raw, gaps, block_starts, table, total_bits, window_bits,
+                         windows_per_block) -> None:
+    """Shape and dtype checks that need no data (so they also run on fake tensors)."""
+    if dtype not in _ref_dfloat.LAYOUTS:
+        raise TypeError(f"dtype must be one of bfloat16, float16, float32, got {dtype}")
+    for name, t, want in (("codes", codes, torch.uint8), ("raw", raw, torch.uint8), ("gaps", gaps, torch.uint8),
+                          ("block_starts", block_starts, torch.int64), ("table", table, torch.int16)):
+        if t.dtype != want or t.dim() != 1:
+            raise FormatError(f"{name} must be a 1-D {want} tensor, got {t.dtype} with shape {list(t.shape)}")
+    if window_bits < 32 or window_bits % 32 or windows_per_block < 1:
+        raise FormatError(f"window_bits must be a positive multiple of 32 and windows_per_block >= 1, "
+                          f"got {window_bits} and {windows_per_block}")
+    windows = -(-total_bits // window_bits)
+    blocks = -(-windows // windows_per_block)
+    checks = (
+        ("raw", raw.numel(), n * _ref_dfloat.LAYOUTS[dtype][2]),
+        ("gaps", gaps.numel(), -(-windows // 2)),
+        ("block_starts", block_starts.numel(), blocks + 1),
+        ("table", table.numel(), 1 << _ref_dfloat.MAX_CODE_LEN),
+    )
+    for name, got, want in checks:
+        if got != want:
+            raise FormatError(f"{name} has {got} elements, expected {want} for {n} values in {total_bits} code bits")
+    if total_bits < 0 or codes.numel() < -(-total_bits // 8) + 8:
+        raise FormatError(f"codes has {codes.numel()} bytes; {total_bits} code bits need {-(-total_bits // 8) + 8} "
+                          "with the padding")
+    if total_bits < n or total_bits > n * _ref_dfloat.MAX_CODE_LEN:
+        raise FormatError(f"total_bits = {total_bits} is impossible for {n} values")
+
+
+def _check_dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits,
+                         windows_per_block, backend="auto"):
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    _check_dfloat_stream(n, dtype, codes, raw, gaps, block_starts, table, total_bits, window_bits, windows_per_block)
+    devices = {t.device for t in (codes, raw, gaps, block_starts, table)}
+    if len(devices) != 1:
+        raise ValueError(f"the stream tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _fake_dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits,
+                        windows_per_block, backend="auto"):
+    return codes.new_empty((n,), dtype=dtype)
+
+
+_define(
+    "dfloat_decode",
+    "Tensor codes, Tensor raw, Tensor gaps, Tensor block_starts, Tensor table, int n, ScalarType dtype, "
+    "int total_bits, int window_bits, int windows_per_block",
+    "Tensor",
+    _fake_dfloat_decode,
+    _check_dfloat_decode,
+    {
+        "reference": _ref_dfloat.decode,
+        "triton": lambda *args: _triton("dfloat").decode(*args),
+    },
+)
+
+
+def _check_dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, window_bits,
+                       windows_per_block, bias=None, backend="auto"):
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [batch, in_features], got shape {list(x.shape)}")
+    if out_features < 0:
+        raise ValueError(f"out_features must be >= 0, got {out_features}")
+    n = out_features * x.shape[1]
+    _check_dfloat_stream(n, x.dtype, codes, raw, gaps, block_starts, table, total_bits, window_bits,
+                         windows_per_block)
+    if bias is not None and (bias.shape != (out_features,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be [{out_features}] of {x.dtype}, got {list(bias.shape)} of {bias.dtype}")
+    tensors = (x, codes, raw, gaps, block_starts, table) + ((bias,) if bias is not None else ())
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"x and the weight's tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _fake_dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, window_bits,
+                      windows_per_block, bias=None, backend="auto"):
+    return x.new_empty((x.shape[0], out_features))
+
+
+_define(
+    "dfloat_gemv",
+    "Tensor x, " + _DFLOAT_STREAM.replace("int total_bits", "int out_features, int total_bits") + ", Tensor? bias",
+    "Tensor",
+    _fake_dfloat_gemv,
+    _check_dfloat_gemv,
+    {
+        "reference": _ref_dfloat.gemv,
+        "triton": lambda *args: _triton("dfloat").gemv(*args),
+    },
+    native=("cuda",),
+)
+
+
+def _define_native(name: str, args: str, returns: str, fake) -> None:
+    """A native-only op ``lowbit::_name_native`` (no routing): the C++ encoder's steps."""
+    _lib.define(f"_{name}_native({args}) -> {returns}")
+    torch.library.register_fake(f"lowbit::_{name}_native", fake, lib=_lib)
+
+
+def _fake_dfloat_histogram(x):
+    return x.new_empty((_ref_dfloat.NUM_SYMBOLS,), dtype=torch.int64)
+
+
+def _fake_dfloat_encode(x, lengths, codewords, total_bits, window_bits, windows_per_block):
+    windows = -(-total_bits // window_bits)
+    padded = -(-(-(-total_bits // 8) + 8) // 8) * 8
+    u8 = dict(dtype=torch.uint8)
+    return (x.new_empty((padded,), **u8), x.new_empty((x.numel() * _ref_dfloat.LAYOUTS[x.dtype][2],), **u8),
+            x.new_empty((-(-windows // 2),), **u8),
+            x.new_empty((-(-windows // windows_per_block) + 1,), dtype=torch.int64))
+
+
+_define_native("dfloat_histogram", "Tensor x", "Tensor", _fake_dfloat_histogram)
+_define_native(
+    "dfloat_encode",
+    "Tensor x, Tensor lengths, Tensor codewords, int total_bits, int window_bits, int windows_per_block",
+    "(Tensor codes, Tensor raw, Tensor gaps, Tensor block_starts)",
+    _fake_dfloat_encode,
+)
+
+
+def _dfloat_encode_reference(x, lengths, codewords, total_bits, window_bits, windows_per_block):
+    symbols, raw = _ref_dfloat.split_fields(x)
+    codes, gaps, block_starts, bits = _ref_dfloat.encode_stream(symbols, lengths, window_bits, windows_per_block)
+    if bits != total_bits:
+        raise ValueError(f"total_bits = {total_bits} but the codes take {bits} bits")
+    return codes, raw, gaps, block_starts
+
+
+# The encoder's steps run on CPU tensors, by the same backend rule (reference or cpu).
+for _name, _ref_fn in (
+    ("dfloat_histogram", lambda x: _ref_dfloat.histogram(_ref_dfloat.split_fields(x)[0])),
+    ("dfloat_encode", _dfloat_encode_reference),
+):
+    _backend.register(_name, "reference", _ref_fn)
+    _backend.register(_name, "cpu", getattr(torch.ops.lowbit, f"_{_name}_native"))
+
+
+def dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block,
+                  *, backend=None) -> torch.Tensor:
+    """Decode a dfloat stream to a flat float tensor [n] of ``dtype``, bit-exact."""
+    return torch.ops.lowbit.dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits,
+                                          window_bits, windows_per_block, _backend.requested(backend))
+
+
+def dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, window_bits,
+                windows_per_block, bias=None, *, backend=None) -> torch.Tensor:
+    """x [B, in] @ W.T (+ bias) -> [B, out], W [out, in] read from its dfloat stream without
+    materializing it (fused backends); fp32 accumulation."""
+    return torch.ops.lowbit.dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits,
+                                        window_bits, windows_per_block, bias, _backend.requested(backend))
 
 
 # The schemas exist now, so the extension's kernels can attach to them.

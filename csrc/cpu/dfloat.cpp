@@ -1,0 +1,215 @@
+// C++ CPU encoder and decoder of the dfloat format.
+//
+// Encoder: each thread owns a contiguous range of elements. Pass 1 sums their code lengths; an
+// exclusive prefix sum gives each thread its first stream bit; pass 2 writes the codes, the raw
+// bytes, and the gaps and block starts of the windows whose first code it writes. Only the two
+// boundary bytes of a thread's bit range can be shared with a neighbour; they are OR-ed atomically.
+//
+// Decoder: each thread owns whole format blocks; a block starts at its first window's gap and
+// holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes are read at once, which the
+// stream's 8 bytes of padding make safe for any position before total_bits.
+#include "dfloat.h"
+
+#include <omp.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/dfloat.h"
+
+namespace lowbit::cpu::dfloat {
+namespace {
+
+using lowbit::dfloat::entry_length;
+using lowbit::dfloat::entry_symbol;
+using lowbit::dfloat::gap_of;
+using lowbit::dfloat::kPeekMask;
+
+template <typename Bits>
+struct Fields;
+
+template <>
+struct Fields<uint16_t> {
+  static constexpr int kRawBytes = 1;
+  static uint32_t symbol(uint16_t x) { return (x >> 7) & 0xFFu; }
+  static void raw(uint16_t x, uint8_t* out) { out[0] = static_cast<uint8_t>(((x >> 8) & 0x80u) | (x & 0x7Fu)); }
+  static uint16_t merge(uint32_t symbol, const uint8_t* raw) { return lowbit::dfloat::merge16(symbol, raw[0]); }
+};
+
+template <>
+struct Fields<uint32_t> {
+  static constexpr int kRawBytes = 3;
+  static uint32_t symbol(uint32_t x) { return (x >> 23) & 0xFFu; }
+  static void raw(uint32_t x, uint8_t* out) {
+    const uint32_t r = ((x >> 8) & 0x800000u) | (x & 0x7FFFFFu);
+    out[0] = static_cast<uint8_t>(r);
+    out[1] = static_cast<uint8_t>(r >> 8);
+    out[2] = static_cast<uint8_t>(r >> 16);
+  }
+  static uint32_t merge(uint32_t symbol, const uint8_t* raw) { return lowbit::dfloat::merge32(symbol, raw); }
+};
+
+struct Range {
+  int64_t begin, end;
+};
+
+Range thread_range(int64_t n, int thread, int threads) {
+  return {n * thread / threads, n * (thread + 1) / threads};
+}
+
+// Appends codes LSB-first from stream bit `bit`; bytes that a neighbour may also write are OR-ed
+// atomically, the rest stored.
+class BitWriter {
+ public:
+  BitWriter(uint8_t* codes, int64_t bit) : codes_(codes), byte_(bit >> 3), first_(bit >> 3), used_(bit & 7) {}
+
+  void put(uint32_t code, int length) {
+    acc_ |= uint64_t(code) << used_;
+    used_ += length;
+    while (used_ >= 8) {
+      store(static_cast<uint8_t>(acc_));
+      acc_ >>= 8;
+      used_ -= 8;
+    }
+  }
+
+  void finish() {
+    if (used_ > 0) __atomic_fetch_or(&codes_[byte_], static_cast<uint8_t>(acc_), __ATOMIC_RELAXED);
+  }
+
+ private:
+  void store(uint8_t value) {
+    if (byte_ == first_) {
+      __atomic_fetch_or(&codes_[byte_], value, __ATOMIC_RELAXED);
+    } else {
+      codes_[byte_] = value;
+    }
+    ++byte_;
+  }
+
+  uint8_t* codes_;
+  int64_t byte_, first_;
+  uint64_t acc_ = 0;
+  int used_;
+};
+
+}  // namespace
+
+template <typename Bits>
+void histogram(const Bits* x, int64_t n, int64_t* counts) {
+  std::fill(counts, counts + 256, 0);
+#pragma omp parallel if (n > (1 << 16))
+  {
+    int64_t local[256] = {0};
+    const Range r = thread_range(n, omp_get_thread_num(), omp_get_num_threads());
+    for (int64_t i = r.begin; i < r.end; ++i) ++local[Fields<Bits>::symbol(x[i])];
+#pragma omp critical
+    for (int s = 0; s < 256; ++s) counts[s] += local[s];
+  }
+}
+
+template <typename Bits>
+void encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* codewords, Stream out) {
+  using F = Fields<Bits>;
+  const int threads = n > (1 << 16) ? omp_get_max_threads() : 1;
+  std::vector<int64_t> first_bit(threads + 1, 0);
+  const int64_t W = out.window_bits, G = out.windows_per_block;
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    const Range r = thread_range(n, t, threads);
+    int64_t bits = 0;
+    for (int64_t i = r.begin; i < r.end; ++i) bits += lengths[F::symbol(x[i])];
+    first_bit[t + 1] = bits;
+#pragma omp barrier
+#pragma omp single
+    for (int k = 0; k < threads; ++k) first_bit[k + 1] += first_bit[k];
+
+    int64_t start = first_bit[t];
+    BitWriter writer(out.codes, start);
+    // Start of the previous element's code: window j gets its gap from the first code starting
+    // at or after j * W, i.e. the element with prev_start < j * W <= start.
+    int64_t prev_start = r.begin == 0 ? -1 : start - lengths[F::symbol(x[r.begin - 1])];
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      const uint32_t s = F::symbol(x[i]);
+      const int64_t window = start / W;
+      if (prev_start < window * W) {  // codes are shorter than a window: at most one boundary
+        out.gaps[window] = static_cast<uint8_t>(start - window * W);
+        if (window % G == 0) out.block_starts[window / G] = i;
+      }
+      writer.put(codewords[s], lengths[s]);
+      F::raw(x[i], out.raw + i * F::kRawBytes);
+      prev_start = start;
+      start += lengths[s];
+    }
+    writer.finish();
+  }
+  const int64_t windows = (out.total_bits + W - 1) / W;
+  out.block_starts[(windows + G - 1) / G] = n;
+}
+
+template <typename Bits>
+const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw, const uint8_t* gaps,
+                   const int64_t* block_starts, const int16_t* table, int64_t n, int64_t total_bits,
+                   int64_t window_bits, int64_t windows_per_block, Bits* out) {
+  using F = Fields<Bits>;
+  const int64_t block_bits = window_bits * windows_per_block;
+  const int64_t windows = (total_bits + window_bits - 1) / window_bits;
+  const int64_t blocks = (windows + windows_per_block - 1) / windows_per_block;
+  if (codes_bytes < (total_bits + 7) / 8 + 8) return "the code buffer is shorter than total_bits and its padding";
+  if (block_starts[0] != 0 || block_starts[blocks] != n) return "block_starts must run from 0 to n";
+  for (int64_t b = 0; b < blocks; ++b) {
+    if (block_starts[b + 1] < block_starts[b]) return "block_starts decrease";
+  }
+  const char* error = nullptr;
+#pragma omp parallel for schedule(dynamic, 4) if (n > (1 << 16))
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t block_end = std::min(total_bits, (b + 1) * block_bits);
+    // Where block b + 1's first code starts: block b's codes must end exactly there.
+    const int64_t next_start = b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block)
+                                              : total_bits;
+    int64_t pos = b * block_bits + gap_of(gaps, b * windows_per_block);
+    int64_t i = block_starts[b];
+    const int64_t end = block_starts[b + 1];
+    bool bad = false;
+    while (i < end && !bad) {
+      if (pos >= block_end) {
+        bad = true;
+        break;
+      }
+      uint64_t word;
+      memcpy(&word, codes + (pos >> 3), 8);
+      word >>= (pos & 7);  // at least 57 valid bits: four codes of at most 12
+      const int64_t batch = std::min<int64_t>(4, end - i);
+      for (int64_t k = 0; k < batch; ++k) {
+        const uint16_t entry = static_cast<uint16_t>(table[word & kPeekMask]);
+        const uint32_t length = entry_length(entry);
+        if (length == 0) {
+          bad = true;
+          break;
+        }
+        out[i] = F::merge(entry_symbol(entry), raw + i * F::kRawBytes);
+        ++i;
+        word >>= length;
+        pos += length;
+      }
+    }
+    if (bad || pos != next_start) {
+#pragma omp critical
+      error = "the code stream does not match block_starts and gaps (corrupted data)";
+    }
+  }
+  return error;
+}
+
+template void histogram<uint16_t>(const uint16_t*, int64_t, int64_t*);
+template void histogram<uint32_t>(const uint32_t*, int64_t, int64_t*);
+template void encode<uint16_t>(const uint16_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
+template void encode<uint32_t>(const uint32_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
+template const char* decode<uint16_t>(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, const int64_t*,
+                                      const int16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*);
+template const char* decode<uint32_t>(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, const int64_t*,
+                                      const int16_t*, int64_t, int64_t, int64_t, int64_t, uint32_t*);
+
+}  // namespace lowbit::cpu::dfloat

@@ -1,0 +1,12 @@
+"""dfloat: lossless compression of bf16 / fp16 / fp32 tensors with Huffman-coded exponents.
+
+    d = lowbit.dfloat.compress(weight)      # DFloatTensor, ~10.7 bits/weight for bf16 weights
+    assert torch.equal(d.decompress().view(torch.int16), weight.view(torch.int16))
+    lowbit.nn.DFloatLinear.from_linear(linear)
+
+Format: docs/formats.md ("dfloat").
+"""
+
+from lowbit.dfloat.format import FORMAT_VERSION, DFloatTensor, compress, entropy_bound
+
+__all__ = ["FORMAT_VERSION", "DFloatTensor", "compress", "entropy_bound"]
