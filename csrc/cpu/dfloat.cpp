@@ -149,6 +149,77 @@ void encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* co
   out.block_starts[(windows + G - 1) / G] = n;
 }
 
+namespace {
+
+// One format block being decoded: the next code's stream bit `pos` and element `i`.
+struct Lane {
+  int64_t pos, i, end;    // decode elements [i, end)
+  int64_t block_end;      // codes of this block start before this bit
+  int64_t next_start;     // where the next block's first code starts: this block must end there
+  uint8_t* symbols;       // decoded symbols of elements [start, end), indexed from the block's start
+  int64_t start;
+};
+
+// Pair table: for each 12-bit peek, the one or two codes it starts with, when both fit in the
+// 12 bits. Entry: symbol0 | symbol1 << 8 | count << 16 | bits << 24; count has bit 7 set (and
+// bits = 12, so decoding moves on) where the peek starts no code.
+constexpr uint32_t kBadEntry = (0x81u << 16) | (12u << 24);
+
+void build_pair_table(const int16_t* table, uint32_t* pairs) {
+  for (uint32_t peek = 0; peek < lowbit::dfloat::kTableSize; ++peek) {
+    const uint16_t first = static_cast<uint16_t>(table[peek]);
+    const uint32_t len0 = entry_length(first);
+    if (len0 == 0) {
+      pairs[peek] = kBadEntry;
+      continue;
+    }
+    const uint16_t second = static_cast<uint16_t>(table[peek >> len0]);
+    const uint32_t len1 = entry_length(second);
+    if (len1 != 0 && len0 + len1 <= static_cast<uint32_t>(lowbit::dfloat::kMaxCodeLen)) {
+      pairs[peek] = entry_symbol(first) | (entry_symbol(second) << 8) | (2u << 16) | ((len0 + len1) << 24);
+    } else {
+      pairs[peek] = entry_symbol(first) | (1u << 16) | (len0 << 24);
+    }
+  }
+}
+
+// Four pair lookups (up to 8 codes, at most 48 bits) from one 8-byte read (57 valid bits).
+// Always stores two symbols per lookup, so the lane needs 8 elements left. Branch-free: a peek
+// that starts no code only sets `bad`, and the caller rejects the block.
+inline void decode_step(const uint8_t* codes, const uint32_t* pairs, Lane& lane, uint32_t& bad) {
+  uint64_t word;
+  memcpy(&word, codes + (lane.pos >> 3), 8);
+  word >>= (lane.pos & 7);
+  int64_t advance = 0, i = lane.i - lane.start;
+  for (int k = 0; k < 4; ++k) {
+    const uint32_t entry = pairs[word & kPeekMask];
+    const uint32_t bits = entry >> 24;
+    lane.symbols[i] = static_cast<uint8_t>(entry);
+    lane.symbols[i + 1] = static_cast<uint8_t>(entry >> 8);
+    bad |= (entry >> 23) & 1u;
+    i += (entry >> 16) & 3;
+    word >>= bits;
+    advance += bits;
+  }
+  lane.pos += advance;
+  lane.i = i + lane.start;
+}
+
+// Decodes the rest of a lane one code at a time; false if the stream runs past the block.
+inline bool decode_tail(const uint8_t* codes, const int16_t* table, Lane& lane, uint32_t& bad) {
+  for (; lane.i < lane.end; ++lane.i) {
+    if (lane.pos >= lane.block_end) return false;
+    const uint16_t entry = static_cast<uint16_t>(table[lowbit::dfloat::peek(codes, lane.pos)]);
+    const uint32_t length = entry_length(entry);
+    bad |= (length == 0);
+    lane.symbols[lane.i - lane.start] = static_cast<uint8_t>(entry_symbol(entry));
+    lane.pos += length == 0 ? lowbit::dfloat::kMaxCodeLen : length;
+  }
+  return true;
+}
+
+}  // namespace
+
 template <typename Bits>
 const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw, const uint8_t* gaps,
                    const int64_t* block_starts, const int16_t* table, int64_t n, int64_t total_bits,
@@ -160,47 +231,55 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
   if (codes_bytes < (total_bits + 7) / 8 + 8) return "the code buffer is shorter than total_bits and its padding";
   if (block_starts[0] != 0 || block_starts[blocks] != n) return "block_starts must run from 0 to n";
   for (int64_t b = 0; b < blocks; ++b) {
-    if (block_starts[b + 1] < block_starts[b]) return "block_starts decrease";
+    // A block cannot hold more codes than it has bits: this also bounds the symbol buffers.
+    const int64_t count = block_starts[b + 1] - block_starts[b];
+    if (count < 0 || count > block_bits) return "block_starts do not fit the blocks";
   }
-  const char* error = nullptr;
-#pragma omp parallel for schedule(dynamic, 4) if (n > (1 << 16))
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t block_end = std::min(total_bits, (b + 1) * block_bits);
-    // Where block b + 1's first code starts: block b's codes must end exactly there.
-    const int64_t next_start = b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block)
-                                              : total_bits;
-    int64_t pos = b * block_bits + gap_of(gaps, b * windows_per_block);
-    int64_t i = block_starts[b];
-    const int64_t end = block_starts[b + 1];
-    bool bad = false;
-    while (i < end && !bad) {
-      if (pos >= block_end) {
-        bad = true;
-        break;
+  std::vector<uint32_t> pair_table(lowbit::dfloat::kTableSize);
+  build_pair_table(table, pair_table.data());
+  const uint32_t* pairs = pair_table.data();
+
+  // A task decodes kLanes blocks interleaved, so that their chains of dependent table lookups
+  // overlap; symbols go to a per-thread buffer, then one pass merges them with the raw bytes.
+  constexpr int kLanes = 4;
+  const int64_t tasks = (blocks + kLanes - 1) / kLanes;
+  int corrupt = 0;
+#pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
+  {
+    std::vector<uint8_t> buffer(kLanes * block_bits);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      Lane lanes[kLanes];
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, blocks - task * kLanes));
+      for (int l = 0; l < count; ++l) {
+        const int64_t b = task * kLanes + l;
+        lanes[l] = Lane{b * block_bits + gap_of(gaps, b * windows_per_block), block_starts[b], block_starts[b + 1],
+                        std::min(total_bits, (b + 1) * block_bits),
+                        b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits,
+                        buffer.data() + l * block_bits, block_starts[b]};
       }
-      uint64_t word;
-      memcpy(&word, codes + (pos >> 3), 8);
-      word >>= (pos & 7);  // at least 57 valid bits: four codes of at most 12
-      const int64_t batch = std::min<int64_t>(4, end - i);
-      for (int64_t k = 0; k < batch; ++k) {
-        const uint16_t entry = static_cast<uint16_t>(table[word & kPeekMask]);
-        const uint32_t length = entry_length(entry);
-        if (length == 0) {
-          bad = true;
-          break;
+      uint32_t bad = 0;
+      // A lane may step while 8 codes remain and its position is inside its block (which keeps
+      // the 8-byte read inside the padded buffer).
+      auto can_step = [](const Lane& lane) { return lane.end - lane.i >= 8 && lane.pos < lane.block_end; };
+      if (count == kLanes) {
+        while (can_step(lanes[0]) && can_step(lanes[1]) && can_step(lanes[2]) && can_step(lanes[3])) {
+          for (int l = 0; l < kLanes; ++l) decode_step(codes, pairs, lanes[l], bad);
         }
-        out[i] = F::merge(entry_symbol(entry), raw + i * F::kRawBytes);
-        ++i;
-        word >>= length;
-        pos += length;
       }
-    }
-    if (bad || pos != next_start) {
-#pragma omp critical
-      error = "the code stream does not match block_starts and gaps (corrupted data)";
+      for (int l = 0; l < count; ++l) {
+        Lane& lane = lanes[l];
+        while (can_step(lane)) decode_step(codes, pairs, lane, bad);
+        const bool inside = decode_tail(codes, table, lane, bad);
+        if (!inside || lane.pos != lane.next_start) bad = 1;
+        for (int64_t e = lane.start; e < lane.end; ++e) {
+          out[e] = F::merge(lane.symbols[e - lane.start], raw + e * F::kRawBytes);
+        }
+      }
+      corrupt |= bad != 0;
     }
   }
-  return error;
+  return corrupt ? "the code stream does not match block_starts and gaps (corrupted data)" : nullptr;
 }
 
 template void histogram<uint16_t>(const uint16_t*, int64_t, int64_t*);
