@@ -37,7 +37,7 @@ def device(request) -> torch.device:
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if not harness.RECORDS:
+    if not harness.RECORDS and not harness.FACTS:
         return
     records = harness.pair_with_baselines(harness.RECORDS)
     device = torch.device(session.config.getoption("--lowbit-device")
@@ -56,6 +56,7 @@ def pytest_sessionfinish(session, exitstatus):
         "versions": harness.versions(),
         "quick": session.config.getoption("--lowbit-quick"),
         "records": records,
+        "facts": harness.FACTS,
     }
     out.write_text(json.dumps(doc, indent=1))
     session.config._lowbit_results_path = str(out)

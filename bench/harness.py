@@ -10,6 +10,8 @@ A record (one per benchmarked callable), as written to the results JSON:
     gbps (bytes moved / median), tflops (flops / median, when the op does arithmetic),
     pct_peak (of the device's memory bandwidth or matrix peak, when known),
     and after pairing: baseline_median_s, speedup (baseline median / ours).
+The baseline of a case is the record whose backend is "baseline"; ``extra={"name": ...}`` says
+what it ran (torch's dense op by default, or another library such as ZipNN).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 RECORDS: list[dict] = []
+FACTS: list[dict] = []  # measurements that are not timings (bits per weight, error), written as "facts"
 
 # Vendor peaks per device name pattern: memory GB/s, dense bf16 TFLOP/s, dense int8 TOP/s.
 GPU_PEAKS = [

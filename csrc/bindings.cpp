@@ -72,9 +72,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfloat_encode_cpu(
   const uint8_t* lens = lengths.const_data_ptr<uint8_t>();
   // The caller derives total_bits from the histogram; recount to make sure the buffers fit.
   const at::Tensor counts = dfloat_histogram_cpu(x);
+  const int64_t* count = counts.const_data_ptr<int64_t>();
   int64_t expected = 0;
   for (int s = 0; s < 256; ++s) {
-    const int64_t c = counts[s].item<int64_t>();
+    const int64_t c = count[s];
     TORCH_CHECK(c == 0 || lens[s] > 0, "symbol ", s, " occurs but has no code");
     expected += c * lens[s];
   }

@@ -113,15 +113,20 @@ def _bench_dir(path: str | None) -> Path:
 def format_results(doc: dict) -> str:
     """A readable table of a results JSON written by bench/conftest.py."""
     lines = [f"{doc['device']} | {doc['date']} | torch {doc['versions']['torch']}"]
-    header = f"{'case':<34} {'backend':<10} {'median':>11} {'GB/s':>9} {'TFLOP/s':>8} {'% peak':>7} {'vs base':>8}"
+    width = max([34] + [len(r["case"]) + 1 for r in doc["records"]])
+    header = f"{'case':<{width}} {'backend':<10} {'median':>11} {'GB/s':>9} {'TFLOP/s':>8} {'% peak':>7} {'vs base':>8}"
     lines += [header, "-" * len(header)]
     for r in sorted(doc["records"], key=lambda r: (r["case"], r["backend"] != "baseline", r["backend"])):
         tflops = f"{r['tflops']:.2f}" if r.get("tflops") else "-"
         pct = f"{r['pct_peak']:.1f}" if r.get("pct_peak") is not None else "-"
         speedup = f"{r['speedup']:.2f}x" if r.get("speedup") else "-"
         median = f"{r['median_s'] * 1e6:.1f} us"
-        lines.append(f"{r['case']:<34} {r['backend']:<10} {median:>11} {r['gbps']:>9.1f} {tflops:>8} {pct:>7} {speedup:>8}")
-    lines.append("vs base: baseline median / ours (> 1 is faster than torch's dense op on the same data)")
+        backend = r["backend"] if r["backend"] != "baseline" or "name" not in r else f"base:{r['name']}"
+        lines.append(f"{r['case']:<{width}} {backend:<10} {median:>11} {r['gbps']:>9.1f} {tflops:>8} {pct:>7} {speedup:>8}")
+    lines.append("vs base: baseline median / ours (> 1: faster than the case's baseline, torch's dense op "
+                 "unless named)")
+    for fact in doc.get("facts", []):
+        lines.append("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fact.items()))
     return "\n".join(lines)
 
 

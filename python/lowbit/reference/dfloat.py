@@ -24,8 +24,6 @@ them from j * W (always < MAX_CODE_LEN). Windows are grouped into blocks of ``wi
 
 from __future__ import annotations
 
-import heapq
-
 import torch
 
 from lowbit.reference.bitpack import pack_bits, unpack_bits
@@ -81,26 +79,29 @@ def code_lengths(counts: torch.Tensor, max_len: int = MAX_CODE_LEN) -> torch.Ten
     Symbols that never occur get length 0. A single used symbol gets length 1.
     """
     used = [(int(c), s) for s, c in enumerate(counts.tolist()) if c > 0]
-    lengths = [0] * NUM_SYMBOLS
+    lengths = torch.zeros(NUM_SYMBOLS, dtype=torch.int64)
     if len(used) == 1:
         lengths[used[0][1]] = 1
     if len(used) >= 2:
         if len(used) > (1 << max_len):
             raise ValueError(f"{len(used)} symbols cannot be coded in {max_len} bits")
-        # An item is (weight, symbols it contains, with multiplicity). Ties break on the symbol
-        # lists, so the result is deterministic.
-        leaves = sorted((c, (s,)) for c, s in used)
+        # An item is (weight, tie-break key, how often each symbol occurs in it). Leaves sort by
+        # (count, symbol), packages after leaves of equal weight, so the result is deterministic.
+        leaves = []
+        for order, (c, s) in enumerate(sorted(used)):
+            members = torch.zeros(NUM_SYMBOLS, dtype=torch.int64)
+            members[s] = 1
+            leaves.append((c, 0, order, members))
         current = leaves
         for _ in range(max_len - 1):
             packages = [
-                (current[i][0] + current[i + 1][0], current[i][1] + current[i + 1][1])
+                (current[i][0] + current[i + 1][0], 1, i, current[i][3] + current[i + 1][3])
                 for i in range(0, len(current) - 1, 2)
             ]
-            current = list(heapq.merge(leaves, packages))
-        for _, symbols in current[: 2 * (len(used) - 1)]:
-            for s in symbols:
-                lengths[s] += 1
-    return torch.tensor(lengths, dtype=torch.uint8)
+            current = sorted(leaves + packages, key=lambda item: item[:3])
+        for item in current[: 2 * (len(used) - 1)]:
+            lengths += item[3]
+    return lengths.to(torch.uint8)
 
 
 def canonical_codes(lengths: torch.Tensor) -> list[int]:
@@ -136,16 +137,17 @@ def check_lengths(lengths: torch.Tensor) -> str | None:
 def decode_table(lengths: torch.Tensor) -> torch.Tensor:
     """int16 [2^MAX_CODE_LEN]: for each MAX_CODE_LEN-bit peek (stream order, LSB first) the entry
     ``symbol | length << 8`` of the code it starts with; 0 where no code matches (length 0)."""
-    table = [0] * (1 << MAX_CODE_LEN)
+    peeks = torch.arange(1 << MAX_CODE_LEN, dtype=torch.int64)
+    table = torch.zeros(1 << MAX_CODE_LEN, dtype=torch.int64)
     lens = lengths.tolist()
-    for s, code in enumerate(canonical_codes(lengths)):
-        length = lens[s]
-        if length == 0:
-            continue
-        first = _reverse(code, length)
-        for high in range(1 << (MAX_CODE_LEN - length)):
-            table[first | (high << length)] = s | (length << 8)
-    return torch.tensor(table, dtype=torch.int16)
+    codes = canonical_codes(lengths)
+    for length in range(1, MAX_CODE_LEN + 1):
+        # A peek starts with a code of this length when its low `length` bits are the reversed code.
+        by_low_bits = torch.zeros(1 << length, dtype=torch.int64)
+        for s in (s for s in range(NUM_SYMBOLS) if lens[s] == length):
+            by_low_bits[_reverse(codes[s], length)] = s | (length << 8)
+        table += by_low_bits[peeks & ((1 << length) - 1)]  # prefix-free: one length matches at most
+    return table.to(torch.int16)
 
 
 def encode_stream(symbols: torch.Tensor, lengths: torch.Tensor, window_bits: int, windows_per_block: int):
