@@ -63,3 +63,21 @@ def test_format_results_marks_missing_figures():
     table = cli.format_results(doc).splitlines()
     assert table[3].split()[:2] == ["c", "baseline"]  # baseline first within a case
     assert table[4].split()[-2:] == ["50.0", "2.00x"]
+
+
+def test_compress_inspect_decompress_round_trip(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    original = {"a.weight": (torch.randn(64, 48) * 0.02).to(torch.bfloat16), "a.bias": torch.zeros(64),
+                "ids": torch.arange(5)}
+    save_file(original, str(tmp_path / "in.safetensors"))
+    assert _lowbit("compress", str(tmp_path / "in.safetensors"), str(tmp_path / "c.safetensors"),
+                   "--quiet").returncode == 0
+    inspect = _lowbit("inspect", str(tmp_path / "c.safetensors"))
+    assert inspect.returncode == 0 and "a.weight" in inspect.stdout and "1 dfloat tensors" in inspect.stdout
+    assert _lowbit("decompress", str(tmp_path / "c.safetensors"), str(tmp_path / "out.safetensors")).returncode == 0
+    back = load_file(str(tmp_path / "out.safetensors"))
+    assert back.keys() == original.keys()
+    for k, v in original.items():
+        assert torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)), k

@@ -1,4 +1,4 @@
-"""Command line: ``lowbit demo``, ``lowbit bench``, ``lowbit info``."""
+"""Command line: ``lowbit demo | info | bench | compress | decompress | inspect``."""
 
 from __future__ import annotations
 
@@ -95,6 +95,47 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_compress(args) -> int:
+    """Compress every float tensor of a safetensors file losslessly (dfloat)."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(args.input)
+    stored = lowbit.dfloat.compress_state_dict(state, progress=not args.quiet)
+    save_file(stored, args.output, metadata={"format": "lowbit.dfloat",
+                                              "format_version": str(lowbit.dfloat.FORMAT_VERSION)})
+    before = sum(t.numel() * t.element_size() for t in state.values())
+    after = sum(t.numel() * t.element_size() for t in stored.values())
+    print(f"{args.input}: {before / 1e6:.1f} MB -> {args.output}: {after / 1e6:.1f} MB ({after / before:.1%})")
+    return 0
+
+
+def cmd_decompress(args) -> int:
+    from safetensors.torch import load_file, save_file
+
+    save_file(lowbit.dfloat.decompress_state_dict(load_file(args.input)), args.output)
+    print(f"{args.input} -> {args.output}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    """Per tensor: shape, dtype, and bits/weight of the stored form (checksums verified)."""
+    from safetensors.torch import load_file
+
+    stored = load_file(args.input)
+    names = sorted(k[: -len(".header")] for k in stored if k.endswith(".header"))
+    total_bits = total_weights = 0
+    for name in names:
+        d = lowbit.dfloat.DFloatTensor.from_dict(stored, prefix=name + ".")
+        total_bits += 8 * d.nbytes
+        total_weights += d.numel()
+        print(f"{name:<60} {str(list(d.shape)):<16} {str(d.dtype)[6:]:<9} {d.bits_per_weight:6.3f} bits/weight")
+    if not names:
+        print(f"{args.input}: no dfloat tensors")
+    else:
+        print(f"{len(names)} dfloat tensors, {total_weights:,} weights, {total_bits / total_weights:.3f} bits/weight")
+    return 0
+
+
 def _bench_dir(path: str | None) -> Path:
     candidates = [Path(path)] if path else [
         Path(lowbit.__file__).resolve().parents[2] / "bench",  # source checkout (editable install)
@@ -166,12 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--path", help="benchmark folder (default: bench/ of the source checkout)")
     p_bench.add_argument("--out", help="results JSON path (default: bench/results/<date>_<device>.json)")
     p_bench.add_argument("--quick", action="store_true", help="small shapes, few rounds")
+    p_compress = sub.add_parser("compress", help="compress a safetensors file losslessly (dfloat)")
+    p_compress.add_argument("input")
+    p_compress.add_argument("output")
+    p_compress.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_decompress = sub.add_parser("decompress", help="restore a file written by `lowbit compress`, bit for bit")
+    p_decompress.add_argument("input")
+    p_decompress.add_argument("output")
+    p_inspect = sub.add_parser("inspect", help="list the compressed tensors of a file and their bits/weight")
+    p_inspect.add_argument("input")
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":
         return cmd_bench(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return {"demo": cmd_demo, "info": cmd_info}[args.command](args)
+    commands = {"demo": cmd_demo, "info": cmd_info, "compress": cmd_compress, "decompress": cmd_decompress,
+                "inspect": cmd_inspect}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

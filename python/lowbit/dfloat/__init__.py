@@ -7,6 +7,15 @@
 Format: docs/formats.md ("dfloat").
 """
 
-from lowbit.dfloat.format import FORMAT_VERSION, DFloatTensor, compress, entropy_bound
+from lowbit.dfloat.format import (
+    FORMAT_VERSION,
+    DFloatTensor,
+    compress,
+    compress_state_dict,
+    decompress_state_dict,
+    entropy_bound,
+)
 
-__all__ = ["FORMAT_VERSION", "DFloatTensor", "compress", "entropy_bound"]
+__all__ = [
+    "FORMAT_VERSION", "DFloatTensor", "compress", "compress_state_dict", "decompress_state_dict", "entropy_bound",
+]

@@ -208,3 +208,31 @@ def entropy_bound(t: torch.Tensor) -> dict[str, float]:
     exp_bits = 8 if t.dtype != torch.float16 else 5
     exponent = symbols.to(torch.int64) >> (8 - exp_bits)
     return {"symbol": entropy(symbols) + 8 * raw_bytes, "exponent": entropy(exponent) + (width - exp_bits)}
+
+
+def compress_state_dict(state_dict: dict[str, torch.Tensor], *, progress: bool = True,
+                        min_numel: int = 1024) -> dict[str, torch.Tensor]:
+    """Every float tensor of at least ``min_numel`` elements -> its stored form under
+    ``name + "."``; other tensors are kept as they are under ``name``. A progress bar counts weights."""
+    from tqdm.auto import tqdm
+
+    out: dict[str, torch.Tensor] = {}
+    total = sum(t.numel() for t in state_dict.values())
+    with tqdm(total=total, unit="w", unit_scale=True, desc="dfloat compress", disable=not progress) as bar:
+        for name, t in state_dict.items():
+            if t.dtype in DTYPE_CODES and t.numel() >= min_numel:
+                out.update(compress(t).to_dict(prefix=name + "."))
+            else:
+                out[name] = t
+            bar.update(t.numel())
+    return out
+
+
+def decompress_state_dict(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``compress_state_dict``: the original tensors, bit for bit."""
+    names = [key[: -len(".header")] for key in stored if key.endswith(".header")]
+    parts = {f"{name}.{part}" for name in names for part in ("header",) + STREAM}
+    out = {key: t for key, t in stored.items() if key not in parts}
+    for name in names:
+        out[name] = DFloatTensor.from_dict(stored, prefix=name + ".").decompress()
+    return out
