@@ -137,17 +137,14 @@ def check_lengths(lengths: torch.Tensor) -> str | None:
 def decode_table(lengths: torch.Tensor) -> torch.Tensor:
     """int16 [2^MAX_CODE_LEN]: for each MAX_CODE_LEN-bit peek (stream order, LSB first) the entry
     ``symbol | length << 8`` of the code it starts with; 0 where no code matches (length 0)."""
-    peeks = torch.arange(1 << MAX_CODE_LEN, dtype=torch.int64)
-    table = torch.zeros(1 << MAX_CODE_LEN, dtype=torch.int64)
+    table = [0] * (1 << MAX_CODE_LEN)
     lens = lengths.tolist()
-    codes = canonical_codes(lengths)
-    for length in range(1, MAX_CODE_LEN + 1):
-        # A peek starts with a code of this length when its low `length` bits are the reversed code.
-        by_low_bits = torch.zeros(1 << length, dtype=torch.int64)
-        for s in (s for s in range(NUM_SYMBOLS) if lens[s] == length):
-            by_low_bits[_reverse(codes[s], length)] = s | (length << 8)
-        table += by_low_bits[peeks & ((1 << length) - 1)]  # prefix-free: one length matches at most
-    return table.to(torch.int16)
+    for s, code in enumerate(canonical_codes(lengths)):
+        length = lens[s]
+        if length:
+            # Every peek whose low `length` bits are the reversed code starts with this code.
+            table[_reverse(code, length):: 1 << length] = [s | (length << 8)] * (1 << (MAX_CODE_LEN - length))
+    return torch.tensor(table, dtype=torch.int16)
 
 
 def encode_stream(symbols: torch.Tensor, lengths: torch.Tensor, window_bits: int, windows_per_block: int):
