@@ -208,3 +208,19 @@ def test_opcheck_gemv_reference():
     x = torch.randn(3, 384)
     opcheck(torch.ops.lowbit.dfloat_gemv.default,
             (x, *d.stream_args(), 24, d.total_bits, d.window_bits, d.windows_per_block, None, "reference"))
+
+
+def test_native_encoder_refuses_inconsistent_code_tables():
+    skip_unless_available("cpu", "cpu")
+    from lowbit.dfloat.format import codewords
+
+    x = minilm_weight()[:4].to(torch.bfloat16)
+    counts = ref.histogram(ref.split_fields(x)[0])
+    lengths = ref.code_lengths(counts)
+    total = int((counts * lengths.long()).sum())
+    with pytest.raises(ValueError, match="total_bits disagrees"):
+        torch.ops.lowbit._dfloat_encode_native(x, lengths, codewords(lengths), total - 1, 256, 128)
+    missing = lengths.clone()
+    missing[int(counts.argmax())] = 0
+    with pytest.raises(ValueError, match="has no code"):
+        torch.ops.lowbit._dfloat_encode_native(x, missing, codewords(lengths), total, 256, 128)

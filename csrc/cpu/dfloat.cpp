@@ -110,41 +110,56 @@ void histogram(const Bits* x, int64_t n, int64_t* counts) {
 }
 
 template <typename Bits>
-void encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* codewords, Stream out) {
+const char* encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* codewords, Stream out) {
   using F = Fields<Bits>;
   const int threads = n > (1 << 16) ? omp_get_max_threads() : 1;
   std::vector<int64_t> first_bit(threads + 1, 0);
   const int64_t W = out.window_bits, G = out.windows_per_block;
+  const char* error = nullptr;
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     const Range r = thread_range(n, t, threads);
     int64_t bits = 0;
-    for (int64_t i = r.begin; i < r.end; ++i) bits += lengths[F::symbol(x[i])];
-    first_bit[t + 1] = bits;
+    bool uncoded = false;
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      const uint8_t length = lengths[F::symbol(x[i])];
+      uncoded |= length == 0;
+      bits += length;
+    }
+    first_bit[t + 1] = uncoded ? -1 : bits;
 #pragma omp barrier
 #pragma omp single
-    for (int k = 0; k < threads; ++k) first_bit[k + 1] += first_bit[k];
-
-    int64_t start = first_bit[t];
-    BitWriter writer(out.codes, start);
-    // Start of the previous element's code: window j gets its gap from the first code starting
-    // at or after j * W, i.e. the element with prev_start < j * W <= start.
-    int64_t prev_start = r.begin == 0 ? -1 : start - lengths[F::symbol(x[r.begin - 1])];
-    for (int64_t i = r.begin; i < r.end; ++i) {
-      const uint32_t s = F::symbol(x[i]);
-      const int64_t window = start / W;
-      if (prev_start < window * W) {  // codes are shorter than a window: at most one boundary
-        out.gaps[window] = static_cast<uint8_t>(start - window * W);
-        if (window % G == 0) out.block_starts[window / G] = i;
+    {
+      for (int k = 0; k < threads; ++k) {
+        if (first_bit[k + 1] < 0) error = "a symbol that occurs has no code (length 0)";
+        first_bit[k + 1] += first_bit[k];
       }
-      writer.put(codewords[s], lengths[s]);
-      F::raw(x[i], out.raw + i * F::kRawBytes);
-      prev_start = start;
-      start += lengths[s];
+      // The buffers were sized for total_bits: writing a longer stream would overflow them.
+      if (!error && first_bit[threads] != out.total_bits) error = "total_bits disagrees with the code lengths";
+    }  // implicit barrier: every thread sees `error`
+    if (!error) {
+      int64_t start = first_bit[t];
+      BitWriter writer(out.codes, start);
+      // Start of the previous element's code: window j gets its gap from the first code starting
+      // at or after j * W, i.e. the element with prev_start < j * W <= start.
+      int64_t prev_start = r.begin == 0 ? -1 : start - lengths[F::symbol(x[r.begin - 1])];
+      for (int64_t i = r.begin; i < r.end; ++i) {
+        const uint32_t s = F::symbol(x[i]);
+        const int64_t window = start / W;
+        if (prev_start < window * W) {  // codes are shorter than a window: at most one boundary
+          out.gaps[window] = static_cast<uint8_t>(start - window * W);
+          if (window % G == 0) out.block_starts[window / G] = i;
+        }
+        writer.put(codewords[s], lengths[s]);
+        F::raw(x[i], out.raw + i * F::kRawBytes);
+        prev_start = start;
+        start += lengths[s];
+      }
+      writer.finish();
     }
-    writer.finish();
   }
+  if (error) return error;
   const int64_t windows = (out.total_bits + W - 1) / W;
   out.block_starts[(windows + G - 1) / G] = n;
   // The last window holds no code start when the last code runs into it from the window before:
@@ -157,6 +172,7 @@ void encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* co
       if (last % G == 0) out.block_starts[last / G] = n;
     }
   }
+  return nullptr;
 }
 
 namespace {
@@ -294,8 +310,8 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
 
 template void histogram<uint16_t>(const uint16_t*, int64_t, int64_t*);
 template void histogram<uint32_t>(const uint32_t*, int64_t, int64_t*);
-template void encode<uint16_t>(const uint16_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
-template void encode<uint32_t>(const uint32_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
+template const char* encode<uint16_t>(const uint16_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
+template const char* encode<uint32_t>(const uint32_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
 template const char* decode<uint16_t>(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, const int64_t*,
                                       const int16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*);
 template const char* decode<uint32_t>(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, const int64_t*,

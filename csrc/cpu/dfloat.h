@@ -22,9 +22,10 @@ struct Stream {
 };
 
 // Encodes x[0 .. n) with the code `codewords[s]` (already bit-reversed, LSB first) of
-// `lengths[s]` bits for symbol s. total_bits must equal sum of lengths over x.
+// `lengths[s]` bits for symbol s. Returns nullptr, or what is wrong (a symbol without a code, or
+// total_bits other than the sum of the lengths) before writing anything.
 template <typename Bits>
-void encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* codewords, Stream out);
+const char* encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint32_t* codewords, Stream out);
 
 // Decodes into out[0 .. n). Returns nullptr on success, else a description of the corruption
 // found; it never reads outside the given buffers (codes_bytes bytes of codes).
