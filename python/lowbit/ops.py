@@ -56,10 +56,19 @@ def _define(name: str, args: str, returns: str, fake, check, impls: dict, native
     torch.library.register_fake(f"lowbit::_{name}_native", checked_fake, lib=_lib)
 
     native_op = getattr(torch.ops.lowbit, f"_{name}_native")
+
+    def run_native(*args):
+        try:
+            return native_op(*args)
+        except ValueError as exc:  # the kernels report corrupted data as "corrupted ...: why"
+            if str(exc).startswith("corrupted "):
+                raise FormatError(str(exc)) from None
+            raise
+
     for backend_name, fn in impls.items():
         _backend.register(name, backend_name, fn)
     for device in native:  # devices for which lowbit._C registers a kernel
-        _backend.register(name, device, native_op)
+        _backend.register(name, device, run_native)
 
     def route(*args, **kwargs):
         *args, backend = bind(args, kwargs)
@@ -304,7 +313,11 @@ for _name, _ref_fn in (
 
 def dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block,
                   *, backend=None) -> torch.Tensor:
-    """Decode a dfloat stream to a flat float tensor [n] of ``dtype``, bit-exact."""
+    """Decode a dfloat stream to a flat float tensor [n] of ``dtype``, bit-exact.
+
+    A stream whose codes disagree with its gaps and block starts raises ``FormatError`` on every
+    backend (on CUDA this costs one host synchronization, skipped while capturing a CUDA graph).
+    """
     return torch.ops.lowbit.dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits,
                                           window_bits, windows_per_block, _backend.requested(backend))
 
@@ -312,7 +325,12 @@ def dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, w
 def dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, window_bits,
                 windows_per_block, bias=None, *, backend=None) -> torch.Tensor:
     """x [B, in] @ W.T (+ bias) -> [B, out], W [out, in] read from its dfloat stream without
-    materializing it (fused backends); fp32 accumulation."""
+    materializing it (fused backends); fp32 accumulation.
+
+    The fused kernels never synchronize with the host: a corrupted stream gives an all-NaN output
+    there, while the reference raises ``FormatError``. Stored forms are checked (checksum) when
+    loaded, so this only concerns streams built by hand.
+    """
     return torch.ops.lowbit.dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits,
                                         window_bits, windows_per_block, bias, _backend.requested(backend))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from lowbit.errors import FormatError
 from lowbit.reference.bitpack import pack_bits, unpack_bits
 
 MAX_CODE_LEN = 12
@@ -199,18 +200,18 @@ def decode_symbols(codes, gaps, block_starts, table, n, total_bits, window_bits,
         entry = table.to(torch.int64)[peek(codes, pos[active])]
         length = entry >> 8
         if bool((length == 0).any()):
-            raise ValueError("the code stream holds a bit pattern that is no code")
+            raise FormatError("corrupted dfloat stream: a bit pattern that is no code")
         for j, s in zip(active.nonzero().flatten().tolist(), (entry & 0xFF).tolist()):
             found[j].append(s)
         pos[active] += length
         active = pos < end
     symbols = torch.tensor([s for window in found for s in window], dtype=torch.uint8)
     if symbols.numel() != n:
-        raise ValueError(f"the code stream holds {symbols.numel()} symbols, expected {n}")
+        raise FormatError(f"corrupted dfloat stream: it holds {symbols.numel()} codes, expected {n}")
     counts = torch.tensor([len(w) for w in found] + [0], dtype=torch.int64)
     firsts = torch.cumsum(counts, 0) - counts
     if not torch.equal(firsts[::windows_per_block][: block_starts.numel() - 1], block_starts[:-1]):
-        raise ValueError("block_starts disagree with the code stream")
+        raise FormatError("corrupted dfloat stream: block_starts disagree with the codes")
     return symbols
 
 
