@@ -15,14 +15,14 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 DTYPE_IDS = ["bf16", "fp16", "fp32"]
 
 
-def _minilm_linear(dtype, bias=True, name="encoder.layer.0.intermediate.dense"):
+def _minilm_linear(dtype, bias=True, name="encoder.layer.0.intermediate.dense", rows=None):
     sd = minilm_state_dict()
-    w = sd[name + ".weight"]
+    w = sd[name + ".weight"][:rows]
     linear = nn.Linear(w.shape[1], w.shape[0], bias=bias)
     with torch.no_grad():
         linear.weight.copy_(w)
         if bias:
-            linear.bias.copy_(sd[name + ".bias"])
+            linear.bias.copy_(sd[name + ".bias"][:rows])
     return linear.to(dtype).requires_grad_(False)
 
 
@@ -43,7 +43,8 @@ def test_exact_mode_is_bit_identical_to_linear(dtype, rows, bias):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_fused_mode_matches_reference_gemv(dtype, rows, backend):
     skip_unless_available(backend, "cpu")
-    linear = _minilm_linear(dtype, name="encoder.layer.0.attention.self.query")
+    # 48 output rows keep Triton's interpreter quick; rows still span windows and blocks.
+    linear = _minilm_linear(dtype, name="encoder.layer.0.attention.self.query", rows=48)
     module = DFloatLinear.from_linear(linear, mode="fused", backend=backend)
     x = torch.randn(rows, linear.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
     got = module(x).double()

@@ -122,8 +122,11 @@ def _demo_dfloat(device: torch.device) -> bool:
         for backend, why in lowbit.backend.available(device).items():
             if why is not None or backend not in lowbit.backend.implementations("dfloat_decode"):
                 continue
-            # The interpreter and the reference are slow: they check the first matrix only.
-            pairs = list(zip(tensors, compressed))[: 1 if backend in ("reference", "triton") else None]
+            pairs = list(zip(tensors, compressed))
+            if backend == "reference" or (backend == "triton" and device.type == "cpu"):
+                # Slow here (plain PyTorch, Triton's interpreter): check a slice of one matrix.
+                piece = tensors[0][:16]
+                pairs = [(piece, lowbit.dfloat.compress(piece))]
             exact = all(torch.equal(c.decompress(backend=backend).view(torch.uint8), t.view(torch.uint8))
                         for t, c in pairs)
             ok &= exact
