@@ -139,6 +139,51 @@ def measure(benchmark, case: Case, fn, device: torch.device, min_round_s: float 
     return record
 
 
+def measure_interleaved(benchmark, entries: list[tuple[Case, object]], device: torch.device,
+                        rounds: int = 15) -> list[dict]:
+    """Time several callables in alternating order, one call each per round, and record each.
+
+    For side-by-side comparisons on a machine whose load drifts (shared CPUs): every round times
+    every entry, so a slow spell hits all of them alike. pytest-benchmark times the whole round.
+    """
+    import statistics
+    import time
+
+    times: list[list[float]] = [[] for _ in entries]
+
+    def one_round():
+        order = range(len(entries)) if len(times[0]) % 2 == 0 else reversed(range(len(entries)))
+        for k in order:
+            synchronize(device)
+            start = time.perf_counter()
+            entries[k][1]()
+            synchronize(device)
+            times[k].append(time.perf_counter() - start)
+
+    for _, fn in entries:  # warm-up
+        fn()
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    records = []
+    for (case, _), samples in zip(entries, times):
+        median = statistics.median(samples)
+        record = {
+            **{k: v for k, v in asdict(case).items() if k != "extra"},
+            **case.extra,
+            "device": device_name(device),
+            "median_s": median,
+            "calls_per_round": 1,
+            "rounds": len(samples),
+            "interleaved": True,
+            "gbps": case.bytes_moved / median / 1e9,
+            "tflops": case.flops / median / 1e12 if case.flops else None,
+            "peak": None,
+            "pct_peak": None,
+        }
+        RECORDS.append(record)
+        records.append(record)
+    return records
+
+
 def pair_with_baselines(records: list[dict]) -> list[dict]:
     """Add baseline_median_s and speedup (baseline / ours) to every non-baseline record."""
     baselines = {r["case"]: r for r in records if r["backend"] == "baseline"}

@@ -13,7 +13,7 @@ import torch
 
 import harness
 import lowbit
-from harness import Case, measure
+from harness import Case, measure, measure_interleaved
 from lowbit.dfloat import compress, entropy_bound
 
 
@@ -55,44 +55,32 @@ def _flat_minilm(dtype, quick):
     return flat[: 1 << 18] if quick else flat
 
 
-@pytest.mark.parametrize("impl", ["baseline", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_cpu_decode_vs_zipnn(benchmark, device, quick, impl, dtype):
+def test_cpu_codec_vs_zipnn(benchmark, device, quick, dtype):
+    """Decode and encode of all MiniLM weights as one tensor, lowbit's C++ codec and ZipNN's
+    interleaved round by round, on the same cores."""
     if device.type != "cpu":
         pytest.skip("CPU codec benchmark")
     x = _flat_minilm(dtype, quick)
-    shape = {"x": list(x.shape)}
-    case = Case(op="dfloat_decode", case=f"dfloat_decode minilm {str(dtype)[6:]}", backend=impl, shapes=shape,
-                dtype=str(dtype)[6:], bytes_moved=x.numel() * x.element_size(),
-                extra={"name": "zipnn"} if impl == "baseline" else {})
-    if impl == "baseline":
-        z = _zipnn(dtype)
-        blob = z.compress(x.clone())
-        assert torch.equal(z.decompress(blob).reshape(-1).view(torch.int16), x.view(torch.int16))
-        fn = lambda: z.decompress(blob)  # noqa: E731
-    else:
-        d = compress(x)
-        assert torch.equal(d.decompress(backend="cpu").view(torch.int16), x.view(torch.int16))
-        fn = lambda: d.decompress(backend="cpu")  # noqa: E731
-    measure(benchmark, case, fn, device, rounds=5 if quick else 15)
+    name = str(dtype).split(".")[1]
+    bytes_ = x.numel() * x.element_size()
+    z = _zipnn(dtype)
+    blob = z.compress(x.clone())  # ZipNN's compress modifies its input in place
+    assert torch.equal(z.decompress(blob).reshape(-1).view(torch.int16), x.view(torch.int16))
+    d = compress(x)
+    assert torch.equal(d.decompress(backend="cpu").view(torch.int16), x.view(torch.int16))
+    scratch = x.clone()
 
+    def case(op, backend):
+        return Case(op=op, case=f"{op} minilm {name}", backend=backend, shapes={"x": list(x.shape)}, dtype=name,
+                    bytes_moved=bytes_, extra={"name": "zipnn"} if backend == "baseline" else {})
 
-@pytest.mark.parametrize("impl", ["baseline", "cpu"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
-def test_cpu_encode_vs_zipnn(benchmark, device, quick, impl, dtype):
-    if device.type != "cpu":
-        pytest.skip("CPU codec benchmark")
-    x = _flat_minilm(dtype, quick)
-    case = Case(op="dfloat_encode", case=f"dfloat_encode minilm {str(dtype)[6:]}", backend=impl,
-                shapes={"x": list(x.shape)}, dtype=str(dtype)[6:], bytes_moved=x.numel() * x.element_size(),
-                extra={"name": "zipnn"} if impl == "baseline" else {})
-    if impl == "baseline":
-        z = _zipnn(dtype)
-        copies = x.clone()  # ZipNN's compress modifies its input in place
-        fn = lambda: z.compress(copies.copy_(x))  # noqa: E731
-    else:
-        fn = lambda: compress(x, backend="cpu")  # noqa: E731
-    measure(benchmark, case, fn, device, rounds=3 if quick else 7)
+    measure_interleaved(benchmark, [
+        (case("dfloat_decode", "baseline"), lambda: z.decompress(blob)),
+        (case("dfloat_decode", "cpu"), lambda: d.decompress(backend="cpu")),
+        (case("dfloat_encode", "baseline"), lambda: z.compress(scratch.copy_(x))),
+        (case("dfloat_encode", "cpu"), lambda: compress(x, backend="cpu")),
+    ], device, rounds=5 if quick else 21)
 
 
 LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # [out, in]
