@@ -3,8 +3,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
 #include "bindings.h"
 #include "cuda/bitpack.h"
+#include "cuda/dfloat.h"
 
 namespace lowbit {
 namespace {
@@ -37,11 +42,126 @@ at::Tensor unpack_bits_cuda(const at::Tensor& packed_in, int64_t bits, int64_t n
   return values;
 }
 
+// ---- dfloat -----------------------------------------------------------------------------------
+
+cuda::dfloat::DType dfloat_dtype(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kBFloat16: return cuda::dfloat::DType::kBFloat16;
+    case at::kHalf: return cuda::dfloat::DType::kFloat16;
+    case at::kFloat: return cuda::dfloat::DType::kFloat32;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "dtype must be bfloat16, float16 or float32, got ", dtype);
+  return cuda::dfloat::DType::kFloat32;  // not reached
+}
+
+// What the CUDA kernels need beyond the format's own checks (check_dfloat_stream): one thread per
+// window and 32-bit symbol counts per block.
+void check_dfloat_cuda(const at::Tensor& codes, int64_t window_bits, int64_t windows_per_block) {
+  TORCH_CHECK(codes.is_cuda(), "codes must be a CUDA tensor, got one on ", codes.device());
+  TORCH_CHECK(windows_per_block <= cuda::dfloat::kMaxWindowsPerBlock, "windows_per_block must be <= ",
+              cuda::dfloat::kMaxWindowsPerBlock, " for the CUDA kernels, got ", windows_per_block);
+  TORCH_CHECK(window_bits <= cuda::dfloat::kMaxWindowBits, "window_bits must be <= ", cuda::dfloat::kMaxWindowBits,
+              " for the CUDA kernels, got ", window_bits);
+}
+
+// The kernels read codes as 4-byte words and raw, table and x as 16-byte vectors. Fresh allocations
+// are aligned; a view at an odd offset into its storage is copied.
+at::Tensor aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
+cuda::dfloat::Stream dfloat_stream(const at::Tensor& codes, const at::Tensor& raw, const at::Tensor& gaps,
+                                   const at::Tensor& block_starts, const at::Tensor& table, int64_t n,
+                                   int64_t total_bits, int64_t window_bits, int64_t windows_per_block) {
+  return {codes.const_data_ptr<uint8_t>(), codes.numel(), raw.const_data_ptr<uint8_t>(),
+          gaps.const_data_ptr<uint8_t>(), block_starts.const_data_ptr<int64_t>(), table.const_data_ptr<int16_t>(),
+          n, total_bits, window_bits, windows_per_block};
+}
+
+// The kernels flag a corrupted stream in device memory (an int of kError* bits) instead of trapping.
+// Reading the flag needs a host sync, which would break CUDA graphs and stall the forward pass, so it
+// is read only when the environment sets LOWBIT_DFLOAT_CHECK=1 (debugging); otherwise a corrupted
+// stream decodes to unspecified values, but never reads or writes out of bounds.
+bool dfloat_check_requested() {
+  const char* v = getenv("LOWBIT_DFLOAT_CHECK");
+  return v != nullptr && v[0] != '\0' && strcmp(v, "0") != 0;
+}
+
+void check_dfloat_flags(const at::Tensor& error, const char* op) {
+  const int flags = error.item<int>();
+  TORCH_CHECK_VALUE(flags == 0, "corrupted dfloat stream in ", op, ":",
+                    (flags & cuda::dfloat::kErrorBadCode) ? " the code stream holds a bit pattern that is no code;" : "",
+                    (flags & cuda::dfloat::kErrorBadCount) ? " its symbol counts disagree with block_starts" : "");
+}
+
+at::Tensor dfloat_decode_cuda(const at::Tensor& codes_in, const at::Tensor& raw_in, const at::Tensor& gaps,
+                              const at::Tensor& block_starts, const at::Tensor& table_in, int64_t n,
+                              at::ScalarType dtype, int64_t total_bits, int64_t window_bits,
+                              int64_t windows_per_block) {
+  check_dfloat_stream(codes_in, raw_in, gaps, block_starts, table_in, n, dtype, total_bits, window_bits,
+                      windows_per_block);
+  check_dfloat_cuda(codes_in, window_bits, windows_per_block);
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor codes = aligned16(codes_in), raw = aligned16(raw_in), table = aligned16(table_in);
+  at::Tensor out = at::empty({n}, codes.options().dtype(dtype));
+  at::Tensor error = at::zeros({1}, codes.options().dtype(at::kInt));
+  check_cuda(cuda::dfloat::decode(dfloat_stream(codes, raw, gaps, block_starts, table, n, total_bits, window_bits,
+                                                windows_per_block),
+                                  dfloat_dtype(dtype), out.data_ptr(), error.data_ptr<int>(),
+                                  c10::cuda::getCurrentCUDAStream()),
+             "lowbit::dfloat_decode (cuda)");
+  if (dfloat_check_requested()) check_dfloat_flags(error, "lowbit::dfloat_decode");
+  return out;
+}
+
+at::Tensor dfloat_gemv_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, const at::Tensor& raw_in,
+                            const at::Tensor& gaps, const at::Tensor& block_starts, const at::Tensor& table_in,
+                            int64_t out_features, int64_t total_bits, int64_t window_bits, int64_t windows_per_block,
+                            const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(x_in.dim() == 2, "x must be 2-D [batch, in_features], got shape ", x_in.sizes());
+  TORCH_CHECK(out_features >= 0 && out_features < INT32_MAX, "out_features must be in [0, 2^31 - 1), got ",
+              out_features);
+  const int64_t batch = x_in.size(0), in_features = x_in.size(1);
+  const at::ScalarType dtype = x_in.scalar_type();
+  check_dfloat_stream(codes_in, raw_in, gaps, block_starts, table_in, out_features * in_features, dtype, total_bits,
+                      window_bits, windows_per_block);
+  check_dfloat_cuda(codes_in, window_bits, windows_per_block);
+  TORCH_CHECK(x_in.device() == codes_in.device(), "x is on ", x_in.device(), ", codes on ", codes_in.device());
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  if (has_bias) {
+    TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == out_features && bias_in->scalar_type() == dtype,
+                "bias must be [", out_features, "] of ", dtype, ", got ", bias_in->sizes(), " of ",
+                bias_in->scalar_type());
+    TORCH_CHECK(bias_in->device() == codes_in.device(), "bias is on ", bias_in->device(), ", codes on ",
+                codes_in.device());
+  }
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor x = aligned16(x_in.contiguous());
+  const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
+  const at::Tensor codes = aligned16(codes_in), raw = aligned16(raw_in), table = aligned16(table_in);
+  // fp32 partial sums [batch, out], then the error flag: one allocation, one memset.
+  const int64_t sums = batch * out_features;
+  at::Tensor workspace = at::zeros({sums + 1}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({batch, out_features}, x.options());
+  float* ws = workspace.data_ptr<float>();
+  check_cuda(cuda::dfloat::gemv(dfloat_stream(codes, raw, gaps, block_starts, table, out_features * in_features,
+                                              total_bits, window_bits, windows_per_block),
+                                dfloat_dtype(dtype), x.const_data_ptr(), batch, in_features, out_features,
+                                has_bias ? bias.const_data_ptr() : nullptr, ws, reinterpret_cast<int*>(ws + sums),
+                                y.data_ptr(), c10::cuda::getCurrentCUDAStream()),
+             "lowbit::dfloat_gemv (cuda)");
+  if (dfloat_check_requested()) check_dfloat_flags(workspace.narrow(0, sums, 1).view(at::kInt), "lowbit::dfloat_gemv");
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
   m.impl("_pack_bits_native", &pack_bits_cuda);
   m.impl("_unpack_bits_native", &unpack_bits_cuda);
+  m.impl("_dfloat_decode_native", &dfloat_decode_cuda);
+  m.impl("_dfloat_gemv_native", &dfloat_gemv_cuda);
 }
 
 }  // namespace lowbit

@@ -5,9 +5,10 @@
 // bytes, and the gaps and block starts of the windows whose first code it writes. Only the two
 // boundary bytes of a thread's bit range can be shared with a neighbour; they are OR-ed atomically.
 //
-// Decoder: each thread owns whole format blocks; a block starts at its first window's gap and
-// holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes are read at once, which the
-// stream's 8 bytes of padding make safe for any position before total_bits.
+// Decoder: each thread owns whole format blocks, four at a time, interleaved; a block starts at its
+// first window's gap and holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes are
+// read at once, which the stream's 8 bytes of padding make safe for any position before
+// total_bits, and a table of code pairs decodes up to two codes per lookup.
 #include "dfloat.h"
 
 #include <omp.h>
@@ -182,8 +183,6 @@ struct Lane {
   int64_t pos, i, end;    // decode elements [i, end)
   int64_t block_end;      // codes of this block start before this bit
   int64_t next_start;     // where the next block's first code starts: this block must end there
-  uint8_t* symbols;       // decoded symbols of elements [start, end), indexed from the block's start
-  int64_t start;
 };
 
 // Pair table: for each 12-bit peek, the one or two codes it starts with, when both fit in the
@@ -210,35 +209,42 @@ void build_pair_table(const int16_t* table, uint32_t* pairs) {
 }
 
 // Four pair lookups (up to 8 codes, at most 48 bits) from one 8-byte read (57 valid bits).
-// Always stores two symbols per lookup, so the lane needs 8 elements left. Branch-free: a peek
-// that starts no code only sets `bad`, and the caller rejects the block.
-inline void decode_step(const uint8_t* codes, const uint32_t* pairs, Lane& lane, uint32_t& bad) {
+// Always writes two elements per lookup (the second is rewritten by the next lookup when the
+// entry held one code), so the lane needs 8 elements left. Branch-free: a peek that starts no
+// code only sets `bad`, and the caller rejects the block.
+template <typename Bits>
+inline void decode_step(const uint8_t* codes, const uint32_t* pairs, const uint8_t* raw, Bits* out, Lane& lane,
+                        uint32_t& bad) {
+  using F = Fields<Bits>;
   uint64_t word;
   memcpy(&word, codes + (lane.pos >> 3), 8);
   word >>= (lane.pos & 7);
-  int64_t advance = 0, i = lane.i - lane.start;
+  int64_t advance = 0, i = lane.i;
   for (int k = 0; k < 4; ++k) {
     const uint32_t entry = pairs[word & kPeekMask];
     const uint32_t bits = entry >> 24;
-    lane.symbols[i] = static_cast<uint8_t>(entry);
-    lane.symbols[i + 1] = static_cast<uint8_t>(entry >> 8);
+    out[i] = F::merge(entry & 0xFFu, raw + i * F::kRawBytes);
+    out[i + 1] = F::merge((entry >> 8) & 0xFFu, raw + (i + 1) * F::kRawBytes);
     bad |= (entry >> 23) & 1u;
     i += (entry >> 16) & 3;
     word >>= bits;
     advance += bits;
   }
   lane.pos += advance;
-  lane.i = i + lane.start;
+  lane.i = i;
 }
 
 // Decodes the rest of a lane one code at a time; false if the stream runs past the block.
-inline bool decode_tail(const uint8_t* codes, const int16_t* table, Lane& lane, uint32_t& bad) {
+template <typename Bits>
+inline bool decode_tail(const uint8_t* codes, const int16_t* table, const uint8_t* raw, Bits* out, Lane& lane,
+                        uint32_t& bad) {
+  using F = Fields<Bits>;
   for (; lane.i < lane.end; ++lane.i) {
     if (lane.pos >= lane.block_end) return false;
     const uint16_t entry = static_cast<uint16_t>(table[lowbit::dfloat::peek(codes, lane.pos)]);
     const uint32_t length = entry_length(entry);
     bad |= (length == 0);
-    lane.symbols[lane.i - lane.start] = static_cast<uint8_t>(entry_symbol(entry));
+    out[lane.i] = F::merge(entry_symbol(entry), raw + lane.i * F::kRawBytes);
     lane.pos += length == 0 ? lowbit::dfloat::kMaxCodeLen : length;
   }
   return true;
@@ -250,14 +256,13 @@ template <typename Bits>
 const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw, const uint8_t* gaps,
                    const int64_t* block_starts, const int16_t* table, int64_t n, int64_t total_bits,
                    int64_t window_bits, int64_t windows_per_block, Bits* out) {
-  using F = Fields<Bits>;
   const int64_t block_bits = window_bits * windows_per_block;
   const int64_t windows = (total_bits + window_bits - 1) / window_bits;
   const int64_t blocks = (windows + windows_per_block - 1) / windows_per_block;
   if (codes_bytes < (total_bits + 7) / 8 + 8) return "the code buffer is shorter than total_bits and its padding";
   if (block_starts[0] != 0 || block_starts[blocks] != n) return "block_starts must run from 0 to n";
   for (int64_t b = 0; b < blocks; ++b) {
-    // A block cannot hold more codes than it has bits: this also bounds the symbol buffers.
+    // A block cannot hold more codes than it has bits.
     const int64_t count = block_starts[b + 1] - block_starts[b];
     if (count < 0 || count > block_bits) return "block_starts do not fit the blocks";
   }
@@ -266,13 +271,12 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
   const uint32_t* pairs = pair_table.data();
 
   // A task decodes kLanes blocks interleaved, so that their chains of dependent table lookups
-  // overlap; symbols go to a per-thread buffer, then one pass merges them with the raw bytes.
+  // overlap.
   constexpr int kLanes = 4;
   const int64_t tasks = (blocks + kLanes - 1) / kLanes;
   int corrupt = 0;
 #pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
   {
-    std::vector<uint8_t> buffer(kLanes * block_bits);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       Lane lanes[kLanes];
@@ -281,8 +285,7 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
         const int64_t b = task * kLanes + l;
         lanes[l] = Lane{b * block_bits + gap_of(gaps, b * windows_per_block), block_starts[b], block_starts[b + 1],
                         std::min(total_bits, (b + 1) * block_bits),
-                        b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits,
-                        buffer.data() + l * block_bits, block_starts[b]};
+                        b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits};
       }
       uint32_t bad = 0;
       // A lane may step while 8 codes remain and its position is inside its block (which keeps
@@ -290,17 +293,14 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
       auto can_step = [](const Lane& lane) { return lane.end - lane.i >= 8 && lane.pos < lane.block_end; };
       if (count == kLanes) {
         while (can_step(lanes[0]) && can_step(lanes[1]) && can_step(lanes[2]) && can_step(lanes[3])) {
-          for (int l = 0; l < kLanes; ++l) decode_step(codes, pairs, lanes[l], bad);
+          for (int l = 0; l < kLanes; ++l) decode_step(codes, pairs, raw, out, lanes[l], bad);
         }
       }
       for (int l = 0; l < count; ++l) {
         Lane& lane = lanes[l];
-        while (can_step(lane)) decode_step(codes, pairs, lane, bad);
-        const bool inside = decode_tail(codes, table, lane, bad);
+        while (can_step(lane)) decode_step(codes, pairs, raw, out, lane, bad);
+        const bool inside = decode_tail(codes, table, raw, out, lane, bad);
         if (!inside || lane.pos != lane.next_start) bad = 1;
-        for (int64_t e = lane.start; e < lane.end; ++e) {
-          out[e] = F::merge(lane.symbols[e - lane.start], raw + e * F::kRawBytes);
-        }
       }
       corrupt |= bad != 0;
     }

@@ -28,6 +28,8 @@
 
 #include <cuda_fp16.h>
 
+#include <mutex>
+
 #include "../common/dfloat.h"
 
 namespace lowbit::cuda::dfloat {
@@ -43,7 +45,6 @@ using ::lowbit::dfloat::merge16;
 using ::lowbit::dfloat::merge32;
 
 constexpr unsigned kFullMask = 0xFFFFFFFFu;
-constexpr int kCtaThreads = 512;                     // target threads per CTA (whole groups)
 constexpr int kMultiBytes = kTableSize * 4;          // uint32 [4096]
 constexpr int kTableBytes = kTableSize * 2;          // uint16 [4096]
 constexpr int kTablesBytes = kMultiBytes + kTableBytes;
@@ -170,8 +171,9 @@ __device__ __forceinline__ int decode_window(const Tables& t, Cursor& c, bool& b
 
 // ---- groups --------------------------------------------------------------------------------------
 
+// Not .aligned: threads may reach it from divergent code (after their own decode loops).
 __device__ __forceinline__ void named_barrier(int id, int threads) {
-  asm volatile("bar.sync %0, %1;" : : "r"(id), "r"(threads) : "memory");
+  asm volatile("barrier.sync %0, %1;" : : "r"(id), "r"(threads) : "memory");
 }
 
 struct Group {
@@ -277,7 +279,7 @@ struct Float<DType::kBFloat16> {
     lo = __uint_as_float(w << 16);
     hi = __uint_as_float(w & 0xFFFF0000u);
   }
-  // Round to nearest even, as torch's float -> bfloat16 cast.
+  // Round to nearest even, as torch's float -> bfloat16 cast (NaN -> 0x7FFF, as __float2bfloat16).
   static __device__ __forceinline__ uint16_t from(float v) {
     const uint32_t u = __float_as_uint(v);
     if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FFF;
@@ -479,6 +481,7 @@ struct Plan {
   int64_t windows;
   int64_t blocks;
   size_t smem;        // dynamic shared memory per CTA
+  int per_sm;         // CTAs resident per SM
 };
 
 template <typename Sink>
@@ -575,15 +578,15 @@ __global__ void gemv_epilogue_kernel(const float* __restrict__ ws, const typenam
 // ---- host side -----------------------------------------------------------------------------------
 
 struct Device {
+  int id = 0;
   int sms = 0;
   int smem_optin = 0;  // max dynamic shared memory per CTA
 };
 
 cudaError_t device_info(Device* d) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaError_t err = cudaGetDevice(&d->id);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d->sms, cudaDevAttrMultiProcessorCount, d->id);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&d->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d->id);
   return err;
 }
 
@@ -600,10 +603,10 @@ cudaError_t check_stream(const Stream& s) {
 }
 
 // Staging per group: the symbols of an average full block (n * block bits / total_bits), 1/8 more
-// and a margin, but no more than a block can hold; shrunk to what the device's shared memory allows.
+// and a margin (rounded up, so that similar layers share a launch configuration), but no more than a
+// block can hold; shrunk to what the device's shared memory allows for one group.
 cudaError_t make_plan(const Stream& s, const Device& d, Plan* p) {
   p->group_threads = static_cast<int>((s.windows_per_block + 31) / 32 * 32);
-  p->groups = kCtaThreads / p->group_threads > 1 ? kCtaThreads / p->group_threads : 1;
   p->windows = (s.total_bits + s.window_bits - 1) / s.window_bits;
   p->blocks = (p->windows + s.windows_per_block - 1) / s.windows_per_block;
   const int64_t block_bits = s.window_bits * s.windows_per_block;
@@ -611,33 +614,80 @@ cudaError_t make_plan(const Stream& s, const Device& d, Plan* p) {
   int64_t cap = static_cast<int64_t>(average * 1.125) + 64;
   if (cap > block_bits) cap = block_bits;
   if (cap > s.n) cap = s.n;
-  cap = (cap + 16 + 15) / 16 * 16;  // + 16: the stage starts at the block's first element mod 16
-  const int64_t room = ((d.smem_optin - kTablesBytes) / p->groups - kScratchBytes) / 16 * 16;
+  cap += 16;  // the stage starts at the block's first element mod 16
+  cap = cap > 4096 ? (cap + 255) / 256 * 256 : (cap + 15) / 16 * 16;
+  const int64_t room = (d.smem_optin - kTablesBytes - kScratchBytes) / 16 * 16;
   if (cap > room) cap = room;
   if (cap < 32) return cudaErrorInvalidConfiguration;
   p->cap = static_cast<int>(cap);
+  return cudaSuccess;
+}
+
+// Groups per CTA: the count that keeps the most groups resident per SM (the occupancy API counts
+// registers, threads and shared memory; more groups per CTA share one copy of the tables), so that
+// as many blocks as possible are decoded in the first round of the persistent grid. Remembered per
+// kernel, device and layout, since the search costs host time.
+struct Fit {
+  const void* kernel;
+  int device, group_threads, cap, groups, per_sm;
+};
+
+template <typename Kernel>
+cudaError_t fit_groups(Kernel kernel, const Device& d, Plan* p) {
+  static std::mutex mutex;
+  static Fit fits[32];
+  static int used = 0, next = 0;
+  const void* key = reinterpret_cast<const void*>(kernel);
+  const std::lock_guard<std::mutex> lock(mutex);
+  const Fit* found = nullptr;
+  for (int i = 0; i < used && found == nullptr; ++i) {
+    const Fit& f = fits[i];
+    if (f.kernel == key && f.device == d.id && f.group_threads == p->group_threads && f.cap == p->cap) found = &f;
+  }
+  Fit fit{key, d.id, p->group_threads, p->cap, 0, 0};
+  if (found != nullptr) {
+    fit = *found;
+  } else {
+    // Larger dynamic shared memory needs the kernel's permission; it does not reserve any.
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, d.smem_optin);
+    if (err != cudaSuccess) return err;
+    // Named barriers 1..15 serve the groups; one-warp groups use __syncwarp and need none.
+    const int by_threads = 1024 / p->group_threads;
+    const int by_barriers = p->group_threads == 32 ? 32 : 15;
+    const int most = by_threads < by_barriers ? by_threads : by_barriers;
+    for (int groups = 1; groups <= most; ++groups) {
+      const size_t smem = size_t(kTablesBytes) + size_t(groups) * size_t(kScratchBytes + p->cap);
+      if (smem > size_t(d.smem_optin)) break;
+      int per_sm = 0;
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, groups * p->group_threads, smem);
+      if (err != cudaSuccess) return err;
+      if (per_sm > 0 && per_sm * groups >= fit.per_sm * fit.groups) {  // ties: fewer copies of the tables
+        fit.groups = groups;
+        fit.per_sm = per_sm;
+      }
+    }
+    if (fit.groups == 0) return cudaErrorInvalidConfiguration;
+    fits[next] = fit;
+    next = (next + 1) % 32;
+    if (used < 32) ++used;
+  }
+  p->groups = fit.groups;
+  p->per_sm = fit.per_sm;
   p->smem = size_t(kTablesBytes) + size_t(p->groups) * size_t(kScratchBytes + p->cap);
   return cudaSuccess;
 }
 
-// A persistent grid: as many CTAs as fit on the device at once, never more than there are blocks
-// for their groups.
-template <typename Kernel, typename... Args>
-cudaError_t launch_blocks(Kernel kernel, const Plan& p, const Device& d, cudaStream_t stream, Args... args) {
-  const int threads = p.groups * p.group_threads;
-  cudaError_t err = cudaSuccess;
-  if (p.smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem));
-    if (err != cudaSuccess) return err;
-  }
-  int per_sm = 0;
-  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, p.smem);
+// A persistent grid: as many CTAs as are resident at once, never more than there are blocks for
+// their groups. Both kernels take (stream, plan, sink or output, error).
+template <typename Out>
+cudaError_t launch_blocks(void (*kernel)(Stream, Plan, Out, int*), const Stream& s, Plan p, const Device& d, Out out,
+                          int* error, cudaStream_t stream) {
+  cudaError_t err = fit_groups(kernel, d, &p);
   if (err != cudaSuccess) return err;
-  if (per_sm < 1) return cudaErrorInvalidConfiguration;
   const int64_t wanted = (p.blocks + p.groups - 1) / p.groups;
-  const int64_t resident = int64_t(per_sm) * d.sms;
+  const int64_t resident = int64_t(p.per_sm) * d.sms;
   const int grid = static_cast<int>(wanted < resident ? wanted : resident);
-  kernel<<<grid, threads, p.smem, stream>>>(args...);
+  kernel<<<grid, p.groups * p.group_threads, p.smem, stream>>>(s, p, out, error);
   return cudaGetLastError();
 }
 
@@ -647,7 +697,7 @@ cudaError_t gemv_rows(const Stream& s, const Plan& p, const Device& d, const voi
   using Bits = typename Float<K>::Bits;
   const int64_t step = int64_t(p.group_threads) * VEC;
   const GemvSink<K, VEC, BMAX> sink{s.raw, static_cast<const Bits*>(x), ws, in, out, rows, step / in, step % in};
-  return launch_blocks(&gemv_kernel<K, VEC, BMAX>, p, d, stream, s, p, sink, error);
+  return launch_blocks(&gemv_kernel<K, VEC, BMAX>, s, p, d, sink, error, stream);
 }
 
 template <DType K, int VEC>
@@ -702,11 +752,9 @@ cudaError_t decode(const Stream& s, DType dtype, void* out, int* error, cudaStre
   if (err == cudaSuccess) err = make_plan(s, d, &p);
   if (err != cudaSuccess) return err;
   if (dtype == DType::kFloat32) {
-    auto kernel = &decode_kernel<uint32_t>;
-    return launch_blocks(kernel, p, d, stream, s, p, static_cast<uint32_t*>(out), error);
+    return launch_blocks(&decode_kernel<uint32_t>, s, p, d, static_cast<uint32_t*>(out), error, stream);
   }
-  auto kernel = &decode_kernel<uint16_t>;
-  return launch_blocks(kernel, p, d, stream, s, p, static_cast<uint16_t*>(out), error);
+  return launch_blocks(&decode_kernel<uint16_t>, s, p, d, static_cast<uint16_t*>(out), error, stream);
 }
 
 cudaError_t gemv(const Stream& s, DType dtype, const void* x, int64_t batch, int64_t in_features,
