@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import re
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def pytest_sessionfinish(session, exitstatus):
         "device": harness.device_name(device),
         "peaks": harness.device_peaks(device),
         "versions": harness.versions(),
+        # CPU timings are only as good as the machine was quiet: 1/5/15-minute load averages at the end.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "cpu_count": os.cpu_count(),
         "quick": session.config.getoption("--lowbit-quick"),
         "records": records,
         "facts": harness.FACTS,
