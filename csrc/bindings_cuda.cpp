@@ -4,8 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
 #include "bindings.h"
 #include "cuda/bitpack.h"
@@ -80,19 +78,18 @@ cuda::dfloat::Stream dfloat_stream(const at::Tensor& codes, const at::Tensor& ra
 }
 
 // The kernels flag a corrupted stream in device memory (an int of kError* bits) instead of trapping.
-// Reading the flag needs a host sync, which would break CUDA graphs and stall the forward pass, so it
-// is read only when the environment sets LOWBIT_DFLOAT_CHECK=1 (debugging); otherwise a corrupted
-// stream decodes to unspecified values, but never reads or writes out of bounds.
-bool dfloat_check_requested() {
-  const char* v = getenv("LOWBIT_DFLOAT_CHECK");
-  return v != nullptr && v[0] != '\0' && strcmp(v, "0") != 0;
-}
-
-void check_dfloat_flags(const at::Tensor& error, const char* op) {
+// decode reads the flag and raises ("corrupted ...", which lowbit.ops turns into FormatError); that
+// costs a host sync, skipped while the stream is captured into a CUDA graph (nothing can be read
+// then; a replay is not checked). gemv never syncs: its last kernel writes NaN everywhere instead.
+void check_dfloat_flags(const at::Tensor& error, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) return;
   const int flags = error.item<int>();
-  TORCH_CHECK_VALUE(flags == 0, "corrupted dfloat stream in ", op, ":",
-                    (flags & cuda::dfloat::kErrorBadCode) ? " the code stream holds a bit pattern that is no code;" : "",
-                    (flags & cuda::dfloat::kErrorBadCount) ? " its symbol counts disagree with block_starts" : "");
+  TORCH_CHECK_VALUE(flags == 0, "corrupted dfloat stream:",
+                    (flags & cuda::dfloat::kErrorBadCode) ? " a bit pattern that is no code;" : "",
+                    (flags & cuda::dfloat::kErrorBadEnd) ? " a window's codes overrun the next window's gap;" : "",
+                    (flags & cuda::dfloat::kErrorBadCount) ? " the codes disagree with block_starts;" : "");
 }
 
 at::Tensor dfloat_decode_cuda(const at::Tensor& codes_in, const at::Tensor& raw_in, const at::Tensor& gaps,
@@ -105,13 +102,14 @@ at::Tensor dfloat_decode_cuda(const at::Tensor& codes_in, const at::Tensor& raw_
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = aligned16(codes_in), raw = aligned16(raw_in), table = aligned16(table_in);
   at::Tensor out = at::empty({n}, codes.options().dtype(dtype));
+  if (n == 0) return out;
   at::Tensor error = at::zeros({1}, codes.options().dtype(at::kInt));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_cuda(cuda::dfloat::decode(dfloat_stream(codes, raw, gaps, block_starts, table, n, total_bits, window_bits,
                                                 windows_per_block),
-                                  dfloat_dtype(dtype), out.data_ptr(), error.data_ptr<int>(),
-                                  c10::cuda::getCurrentCUDAStream()),
+                                  dfloat_dtype(dtype), out.data_ptr(), error.data_ptr<int>(), stream),
              "lowbit::dfloat_decode (cuda)");
-  if (dfloat_check_requested()) check_dfloat_flags(error, "lowbit::dfloat_decode");
+  check_dfloat_flags(error, stream);
   return out;
 }
 
@@ -140,7 +138,7 @@ at::Tensor dfloat_gemv_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, 
   const at::Tensor x = aligned16(x_in.contiguous());
   const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
   const at::Tensor codes = aligned16(codes_in), raw = aligned16(raw_in), table = aligned16(table_in);
-  // fp32 partial sums [batch, out], then the error flag: one allocation, one memset.
+  // fp32 partial sums [batch, out], then the corruption flag: one allocation, one memset.
   const int64_t sums = batch * out_features;
   at::Tensor workspace = at::zeros({sums + 1}, x.options().dtype(at::kFloat));
   at::Tensor y = at::empty({batch, out_features}, x.options());
@@ -151,7 +149,6 @@ at::Tensor dfloat_gemv_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, 
                                 has_bias ? bias.const_data_ptr() : nullptr, ws, reinterpret_cast<int*>(ws + sums),
                                 y.data_ptr(), c10::cuda::getCurrentCUDAStream()),
              "lowbit::dfloat_gemv (cuda)");
-  if (dfloat_check_requested()) check_dfloat_flags(workspace.narrow(0, sums, 1).view(at::kInt), "lowbit::dfloat_gemv");
   return y;
 }
 

@@ -18,6 +18,7 @@ import torch
 from torch.library import opcheck
 
 import lowbit
+from lowbit.errors import FormatError
 from lowbit.reference import dfloat as ref
 
 from conftest import skip_unless_available
@@ -109,7 +110,8 @@ def _skewed(shape, dtype, seed=0) -> torch.Tensor:
 
 def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    a, e = actual.cpu().view(INT_VIEW[actual.dtype]), expected.cpu().view(INT_VIEW[expected.dtype])
+    a = actual.cpu().view(INT_VIEW[actual.dtype]).reshape(-1)
+    e = expected.cpu().view(INT_VIEW[expected.dtype]).reshape(-1)
     if not torch.equal(a, e):
         bad = (a != e).nonzero().flatten()
         raise AssertionError(f"{bad.numel()} of {a.numel()} elements differ, first at {bad[:8].tolist()}: "
@@ -184,6 +186,7 @@ def test_decode_inputs_at_odd_offsets():
     assert_bits_equal(out, t)
 
 
+@pytest.mark.slow
 def test_decode_large_weight(large_bf16):
     assert_bits_equal(large_bf16.decode().reshape(large_bf16.original.shape), large_bf16.original)
 
@@ -216,41 +219,79 @@ def test_decode_checks_its_arguments():
 # ---- corrupted streams -----------------------------------------------------------------------------
 
 
-def _corruptions(enc: Encoded) -> dict[str, dict]:
+def _corrupted(enc: Encoded, what: str) -> dict:
+    """Stream tensors to replace, for one kind of damage."""
     g = torch.Generator().manual_seed(8)
-    table = enc.table.clone()
-    table[(table >> 8) == (table >> 8).max()] = 0  # drop the longest codes: their bits match nothing
-    starts = enc.block_starts.cpu().clone()
-    starts[1:-1] = torch.randint(-(10 ** 12), 10 ** 12, (starts.numel() - 2,), generator=g)
-    codes = enc.codes.cpu().clone()
-    used = (enc.total_bits + 7) // 8
-    codes[:used] = torch.randint(0, 256, (used,), generator=g, dtype=torch.uint8)
-    return {
-        "table": {"table": table},
-        "long_lengths": {"table": torch.full_like(enc.table, 0x7F05)},  # length 127
-        "block_starts": {"block_starts": starts.cuda()},
-        "codes": {"codes": codes.cuda()},
-        "gaps": {"gaps": torch.full_like(enc.gaps, 0xFF)},
-    }
+    codes, gaps = enc.codes.cpu().clone(), enc.gaps.cpu().clone()
+    starts, table = enc.block_starts.cpu().clone(), enc.table.cpu().clone()
+    if what == "no_code":  # the first code's bits match no entry any more
+        table[table == table[(int(codes[0]) | (int(codes[1]) << 8)) & 0xFFF]] = 0
+    elif what == "long_codes":  # entries of length 127
+        table[:] = 0x7F05
+    elif what == "block_start":
+        starts[1] += 1
+    elif what == "block_starts":
+        starts[:] = torch.randint(-(10 ** 12), 10 ** 12, (starts.numel(),), generator=g)
+    elif what == "gap":  # window 1 starts a bit later: window 0's last code overruns it
+        gaps[0] ^= 0x10
+    elif what == "gaps":
+        gaps[:] = 0xFF
+    elif what == "code_byte":
+        codes[3] ^= 0xFF
+    elif what == "codes":
+        used = (enc.total_bits + 7) // 8
+        codes[:used] = torch.randint(0, 256, (used,), generator=g, dtype=torch.uint8)
+    fields = {"codes": codes, "gaps": gaps, "block_starts": starts, "table": table}
+    return {k: v.cuda() for k, v in fields.items()}
 
 
-@pytest.mark.parametrize("what", ["table", "long_lengths", "block_starts", "codes", "gaps"])
-def test_corrupted_stream_is_contained_and_flagged(what, monkeypatch):
-    monkeypatch.delenv("LOWBIT_DFLOAT_CHECK", raising=False)
-    enc = encode(_weights(50_000, torch.bfloat16, seed=9), 64, 4)
-    corrupt = _corruptions(enc)[what]
-    # Unchecked (the default, no host sync): garbage out, but no fault.
-    enc.decode(**corrupt)
-    enc_gemv = dataclasses.replace(enc, original=enc.original.reshape(500, 100), **corrupt)
-    enc_gemv.gemv(torch.randn(2, 100, dtype=torch.bfloat16, device="cuda"))
+CORRUPTIONS = ["no_code", "long_codes", "block_start", "block_starts", "gap", "gaps", "code_byte", "codes"]
+
+
+@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=_id)
+@pytest.mark.parametrize("what", CORRUPTIONS)
+def test_decode_rejects_corrupted_stream(what, config):
+    enc = encode(_weights((97, 33), torch.bfloat16, seed=6), *config)
+    with pytest.raises(FormatError, match="corrupted dfloat stream"):
+        enc.decode(**_corrupted(enc, what))
+    torch.cuda.synchronize()  # nothing was read or written out of bounds
+    assert_bits_equal(enc.decode().reshape(97, 33), enc.original)
+
+
+@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=_id)
+@pytest.mark.parametrize("what", CORRUPTIONS)
+def test_gemv_corrupted_stream_gives_nan(what, config):
+    # A forward pass never waits for the host: the flag turns the whole output into NaN on the device.
+    enc = encode(_weights((97, 33), torch.bfloat16, seed=6), *config)
+    x = torch.randn(3, 33, device="cuda").to(torch.bfloat16)
+    bias = torch.randn(97, device="cuda").to(torch.bfloat16)
+    y = dataclasses.replace(enc, **_corrupted(enc, what)).gemv(x, bias)
+    assert bool(y.isnan().all())
+    assert not bool(enc.gemv(x, bias).isnan().any())
+
+
+def _captured(fn):
+    """fn() run once eagerly (warm-up), then captured in a CUDA graph and replayed: -> its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
     torch.cuda.synchronize()
-    # Checked: the flag the kernels set becomes an error.
-    monkeypatch.setenv("LOWBIT_DFLOAT_CHECK", "1")
-    with pytest.raises(ValueError, match="corrupted dfloat stream"):
-        enc.decode(**corrupt)
-    with pytest.raises(ValueError, match="corrupted dfloat stream"):
-        enc_gemv.gemv(torch.randn(2, 100, dtype=torch.bfloat16, device="cuda"))
-    assert_bits_equal(enc.decode(), enc.original)  # a sound stream passes the check
+    return out
+
+
+def test_decode_and_gemv_in_cuda_graph():
+    # decode skips its flag check (a host read) while the stream is captured; gemv has none.
+    w = _weights((64, 256), torch.bfloat16, seed=16)
+    enc = encode(w, 64, 4)
+    x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
+    assert_bits_equal(_captured(enc.decode).reshape(64, 256), w)
+    assert_gemv_close(_captured(lambda: enc.gemv(x)), x, w, None, (x.float().cpu() @ w.float().T).to(torch.bfloat16))
 
 
 # ---- gemv ------------------------------------------------------------------------------------------
@@ -328,6 +369,7 @@ def test_gemv_x_at_odd_offset():
     assert_gemv_close(enc.gemv(x), x, w, None, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("batch", [1, 3, 8], ids=lambda b: f"B{b}")
 def test_gemv_large_weight(large_bf16, batch, has_bias):

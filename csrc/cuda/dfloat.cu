@@ -23,7 +23,9 @@
 //
 // Corrupted streams: every read of the code stream is bounded by its buffer size (words past it read
 // as 0), a window stops at its end, and every write is bounded by n and the staging capacity. A peek
-// that starts no code, or symbol counts that disagree with block_starts, set bits in *error.
+// that starts no code, a window whose last code does not end where the next window's first code
+// starts, and symbol counts that disagree with block_starts set bits in *error; the gemv's last
+// kernel then writes NaN everywhere (decode leaves the check to its caller).
 #include "dfloat.h"
 
 #include <cuda_fp16.h>
@@ -122,6 +124,16 @@ struct Cursor {
   }
 
   __device__ __forceinline__ uint32_t peek() const { return __funnelshift_r(lo, hi, off) & kPeekMask; }
+
+  // After the window is decoded: whether its last code ends where window + 1's first code starts
+  // (at its gap), or at total_bits for the last window, as in a sound stream.
+  __device__ __forceinline__ bool ends_well(const Stream& s, int64_t window, int64_t windows) const {
+    const int64_t to_end = s.total_bits - window * s.window_bits;
+    const int64_t end = to_end < s.window_bits ? to_end : s.window_bits;
+    const int64_t next_gap = window + 1 < windows ? gap_of(s.gaps, window + 1) : 0;
+    const int64_t expected = to_end < s.window_bits + next_gap ? to_end : s.window_bits + next_gap;
+    return end - left == expected;
+  }
 
   // bits <= 12, so one word shift restores off < 32 (and off + 12 <= 64 for the next peek).
   __device__ __forceinline__ void advance(uint32_t bits) {
@@ -505,11 +517,14 @@ __device__ __forceinline__ void run_blocks(const Stream& s, const Plan& p, const
     const bool owns = g.tid < s.windows_per_block && window < p.windows;
     bool bad = false;
     int count = 0;
+    bool ends_well = true;
     if (owns) {
       c.start(s, window);
       count = decode_window(tables, c, bad, [](uint32_t, uint32_t, int) {});
+      ends_well = c.ends_well(s, window, p.windows);
     }
     if (bad) atomicOr(error, kErrorBadCode);
+    if (!ends_well) atomicOr(error, kErrorBadEnd);
     int total;
     const int first = group_scan(count, &total, scratch, g);
 
@@ -564,12 +579,16 @@ __global__ void __launch_bounds__(1024) gemv_kernel(Stream s, Plan p, GemvSink<K
   run_blocks(s, p, sink, error);
 }
 
-// y[i] = ws[i] + bias[i % out], cast to the output dtype. Thread per element, grid-stride.
+// y[i] = ws[i] + bias[i % out], cast to the output dtype; NaN everywhere if the decode kernels
+// flagged the stream as corrupted (read here, on the device, so that the host never waits).
+// Thread per element, grid-stride.
 template <DType K>
 __global__ void gemv_epilogue_kernel(const float* __restrict__ ws, const typename Float<K>::Bits* __restrict__ bias,
-                                     typename Float<K>::Bits* __restrict__ y, int64_t total, int64_t out) {
+                                     const int* __restrict__ error, typename Float<K>::Bits* __restrict__ y,
+                                     int64_t total, int64_t out) {
+  const bool corrupted = *error != 0;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    float v = ws[i];
+    float v = corrupted ? __uint_as_float(0x7FC00000u) : ws[i];
     if (bias != nullptr) v += Float<K>::of(bias[i % out]);
     y[i] = Float<K>::from(v);
   }
@@ -735,7 +754,7 @@ cudaError_t gemv_typed(const Stream& s, const void* x, int64_t batch, int64_t in
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   const int grid = static_cast<int>(blocks < 4096 ? blocks : 4096);
   auto epilogue = &gemv_epilogue_kernel<K>;
-  epilogue<<<grid, kThreads, 0, stream>>>(ws, static_cast<const Bits*>(bias), static_cast<Bits*>(y), total, out);
+  epilogue<<<grid, kThreads, 0, stream>>>(ws, static_cast<const Bits*>(bias), error, static_cast<Bits*>(y), total, out);
   return cudaGetLastError();
 }
 

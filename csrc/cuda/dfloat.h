@@ -34,19 +34,23 @@ struct Stream {
 constexpr int64_t kMaxWindowBits = int64_t(1) << 20;
 constexpr int64_t kMaxWindowsPerBlock = 1024;
 
-// Bits OR-ed into *error by the kernels when the stream is corrupted (the output is then
-// unspecified, but no buffer is read or written out of bounds). The caller zeroes *error.
+// Bits OR-ed into *error by the kernels when the stream is corrupted (no buffer is then read or
+// written out of bounds, but decode's output is unspecified). The caller zeroes *error.
 constexpr int kErrorBadCode = 1;   // a peek matched no code: table entry of length 0 (or > 12)
 constexpr int kErrorBadCount = 2;  // the windows hold a symbol count that disagrees with block_starts / n
+constexpr int kErrorBadEnd = 4;    // a window's last code does not end where the next window's first starts
 
-// out: [n] of dtype (bf16 / fp16 / fp32 bits), 16-byte aligned. error: one int in device memory.
+// out: [n] of dtype (bf16 / fp16 / fp32 bits), 16-byte aligned. error: one int in device memory,
+// zeroed by the caller, who reads it after the kernel to know whether `out` holds the stream's values.
 cudaError_t decode(const Stream& s, DType dtype, void* out, int* error, cudaStream_t stream);
 
 // y[batch, out_features] = x[batch, in_features] @ W.T (+ bias), W [out_features, in_features]
 // row-major decoded from `s` (s.n == out_features * in_features) in `dtype`, which is also the dtype
 // of x, bias and y; fp32 accumulation. x 16-byte aligned, bias may be null. workspace: fp32
-// [batch * out_features], zeroed by the caller (partial sums; the last kernel adds bias and casts).
-// Batches of up to 8 rows read the compressed weight once; larger batches are done 8 rows at a time.
+// [batch * out_features] and error: one int, both in device memory and zeroed by the caller (partial
+// sums; the last kernel adds the bias and casts, or writes NaN everywhere if *error is set, so that a
+// corrupted stream shows without a host sync). Batches of up to 8 rows read the compressed weight
+// once; larger batches are done 8 rows at a time.
 cudaError_t gemv(const Stream& s, DType dtype, const void* x, int64_t batch, int64_t in_features,
                  int64_t out_features, const void* bias, float* workspace, int* error, void* y,
                  cudaStream_t stream);

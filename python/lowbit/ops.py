@@ -165,6 +165,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int, *, backend: str | None 
 # The stream tensors: codes uint8 [padded bytes], raw uint8 [n * raw_bytes], gaps uint8
 # [ceil(windows / 2)] (4-bit packed), block_starts int64 [blocks + 1], table int16 [4096].
 
+# Limits of the format (a GPU thread decodes one window; a block's windows share a thread block).
+MAX_WINDOW_BITS = 1 << 20
+MAX_WINDOWS_PER_BLOCK = 1024
+
 _DFLOAT_STREAM = (
     "Tensor codes, Tensor raw, Tensor gaps, Tensor block_starts, Tensor table, int total_bits, "
     "int window_bits, int windows_per_block"
@@ -180,9 +184,10 @@ def _check_dfloat_stream(n, dtype, codes, raw, gaps, block_starts, table, total_
                           ("block_starts", block_starts, torch.int64), ("table", table, torch.int16)):
         if t.dtype != want or t.dim() != 1:
             raise FormatError(f"{name} must be a 1-D {want} tensor, got {t.dtype} with shape {list(t.shape)}")
-    if window_bits < 32 or window_bits % 32 or windows_per_block < 1:
-        raise FormatError(f"window_bits must be a positive multiple of 32 and windows_per_block >= 1, "
-                          f"got {window_bits} and {windows_per_block}")
+    if not (32 <= window_bits <= MAX_WINDOW_BITS and window_bits % 32 == 0
+            and 1 <= windows_per_block <= MAX_WINDOWS_PER_BLOCK):
+        raise FormatError(f"window_bits must be a multiple of 32 in [32, {MAX_WINDOW_BITS}] and windows_per_block "
+                          f"in [1, {MAX_WINDOWS_PER_BLOCK}], got {window_bits} and {windows_per_block}")
     windows = -(-total_bits // window_bits)
     blocks = -(-windows // windows_per_block)
     checks = (

@@ -178,9 +178,11 @@ def compress(t: torch.Tensor, *, window_bits: int = DEFAULT_WINDOW_BITS,
         raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPE_CODES:
         raise TypeError(f"t must be a bfloat16, float16 or float32 tensor, got {t.dtype}")
-    if window_bits < 32 or window_bits % 32 or windows_per_block < 1:
-        raise ValueError(f"window_bits must be a positive multiple of 32 and windows_per_block >= 1, got "
-                         f"{window_bits} and {windows_per_block}")
+    if not (32 <= window_bits <= ops.MAX_WINDOW_BITS and window_bits % 32 == 0
+            and 1 <= windows_per_block <= ops.MAX_WINDOWS_PER_BLOCK):
+        raise ValueError(f"window_bits must be a multiple of 32 in [32, {ops.MAX_WINDOW_BITS}] and "
+                         f"windows_per_block in [1, {ops.MAX_WINDOWS_PER_BLOCK}], got {window_bits} and "
+                         f"{windows_per_block}")
     x = t.detach().to("cpu").contiguous()
     cpu = torch.device("cpu")
     counts = _backend.implementation("dfloat_histogram", backend, cpu)(x)
