@@ -8,7 +8,7 @@
 // Decoder: each thread owns whole format blocks, four at a time, interleaved; a block starts at its
 // first window's gap and holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes are
 // read at once, which the stream's 8 bytes of padding make safe for any position before
-// total_bits, and a table of code pairs decodes up to two codes per lookup.
+// total_bits, and a multi-code table decodes up to three codes per lookup.
 #include "dfloat.h"
 
 #include <omp.h>
@@ -185,35 +185,33 @@ struct Lane {
   int64_t next_start;     // where the next block's first code starts: this block must end there
 };
 
-// Pair table: for each 12-bit peek, the one or two codes it starts with, when both fit in the
-// 12 bits. Entry: symbol0 | symbol1 << 8 | count << 16 | bits << 24; count has bit 7 set (and
-// bits = 12, so decoding moves on) where the peek starts no code.
-constexpr uint32_t kBadEntry = (0x81u << 16) | (12u << 24);
+// Multi-code table: for each 12-bit peek, the first one to three codes it holds completely.
+// Entry: symbol0 | symbol1 << 8 | symbol2 << 16 | count << 24 | bits << 26, and bit 31 set (with
+// count 1 and bits 12, so decoding moves on) where the peek starts no code.
+constexpr uint32_t kBadEntry = (1u << 31) | (1u << 24) | (12u << 26);
 
-void build_pair_table(const int16_t* table, uint32_t* pairs) {
+void build_multi_table(const int16_t* table, uint32_t* multi) {
   for (uint32_t peek = 0; peek < lowbit::dfloat::kTableSize; ++peek) {
-    const uint16_t first = static_cast<uint16_t>(table[peek]);
-    const uint32_t len0 = entry_length(first);
-    if (len0 == 0) {
-      pairs[peek] = kBadEntry;
-      continue;
+    uint32_t rest = peek, avail = lowbit::dfloat::kMaxCodeLen, entry = 0, count = 0;
+    while (count < 3) {
+      const uint16_t e = static_cast<uint16_t>(table[rest & kPeekMask]);
+      const uint32_t length = entry_length(e);
+      if (length == 0 || length > avail) break;
+      entry |= entry_symbol(e) << (8 * count);
+      ++count;
+      rest >>= length;
+      avail -= length;
     }
-    const uint16_t second = static_cast<uint16_t>(table[peek >> len0]);
-    const uint32_t len1 = entry_length(second);
-    if (len1 != 0 && len0 + len1 <= static_cast<uint32_t>(lowbit::dfloat::kMaxCodeLen)) {
-      pairs[peek] = entry_symbol(first) | (entry_symbol(second) << 8) | (2u << 16) | ((len0 + len1) << 24);
-    } else {
-      pairs[peek] = entry_symbol(first) | (1u << 16) | (len0 << 24);
-    }
+    multi[peek] = count == 0 ? kBadEntry : entry | (count << 24) | ((lowbit::dfloat::kMaxCodeLen - avail) << 26);
   }
 }
 
-// Four pair lookups (up to 8 codes, at most 48 bits) from one 8-byte read (57 valid bits).
-// Always writes two elements per lookup (the second is rewritten by the next lookup when the
-// entry held one code), so the lane needs 8 elements left. Branch-free: a peek that starts no
-// code only sets `bad`, and the caller rejects the block.
+// Four lookups (up to 12 codes, at most 48 bits) from one 8-byte read (57 valid bits). Always
+// writes three elements per lookup (those past the lookup's count are rewritten by the next), so
+// the lane needs 12 elements left. Branch-free: a peek that starts no code only sets `bad`, and
+// the caller rejects the block.
 template <typename Bits>
-inline void decode_step(const uint8_t* codes, const uint32_t* pairs, const uint8_t* raw, Bits* out, Lane& lane,
+inline void decode_step(const uint8_t* codes, const uint32_t* multi, const uint8_t* raw, Bits* out, Lane& lane,
                         uint32_t& bad) {
   using F = Fields<Bits>;
   uint64_t word;
@@ -221,12 +219,13 @@ inline void decode_step(const uint8_t* codes, const uint32_t* pairs, const uint8
   word >>= (lane.pos & 7);
   int64_t advance = 0, i = lane.i;
   for (int k = 0; k < 4; ++k) {
-    const uint32_t entry = pairs[word & kPeekMask];
-    const uint32_t bits = entry >> 24;
+    const uint32_t entry = multi[word & kPeekMask];
+    const uint32_t bits = (entry >> 26) & 0xFu;
     out[i] = F::merge(entry & 0xFFu, raw + i * F::kRawBytes);
     out[i + 1] = F::merge((entry >> 8) & 0xFFu, raw + (i + 1) * F::kRawBytes);
-    bad |= (entry >> 23) & 1u;
-    i += (entry >> 16) & 3;
+    out[i + 2] = F::merge((entry >> 16) & 0xFFu, raw + (i + 2) * F::kRawBytes);
+    bad |= entry >> 31;
+    i += (entry >> 24) & 3u;
     word >>= bits;
     advance += bits;
   }
@@ -266,9 +265,9 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
     const int64_t count = block_starts[b + 1] - block_starts[b];
     if (count < 0 || count > block_bits) return "block_starts do not fit the blocks";
   }
-  std::vector<uint32_t> pair_table(lowbit::dfloat::kTableSize);
-  build_pair_table(table, pair_table.data());
-  const uint32_t* pairs = pair_table.data();
+  std::vector<uint32_t> multi_table(lowbit::dfloat::kTableSize);
+  build_multi_table(table, multi_table.data());
+  const uint32_t* multi = multi_table.data();
 
   // A task decodes kLanes blocks interleaved, so that their chains of dependent table lookups
   // overlap.
@@ -288,17 +287,17 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
                         b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits};
       }
       uint32_t bad = 0;
-      // A lane may step while 8 codes remain and its position is inside its block (which keeps
+      // A lane may step while 12 codes remain and its position is inside its block (which keeps
       // the 8-byte read inside the padded buffer).
-      auto can_step = [](const Lane& lane) { return lane.end - lane.i >= 8 && lane.pos < lane.block_end; };
+      auto can_step = [](const Lane& lane) { return lane.end - lane.i >= 12 && lane.pos < lane.block_end; };
       if (count == kLanes) {
         while (can_step(lanes[0]) && can_step(lanes[1]) && can_step(lanes[2]) && can_step(lanes[3])) {
-          for (int l = 0; l < kLanes; ++l) decode_step(codes, pairs, raw, out, lanes[l], bad);
+          for (int l = 0; l < kLanes; ++l) decode_step(codes, multi, raw, out, lanes[l], bad);
         }
       }
       for (int l = 0; l < count; ++l) {
         Lane& lane = lanes[l];
-        while (can_step(lane)) decode_step(codes, pairs, raw, out, lane, bad);
+        while (can_step(lane)) decode_step(codes, multi, raw, out, lane, bad);
         const bool inside = decode_tail(codes, table, raw, out, lane, bad);
         if (!inside || lane.pos != lane.next_start) bad = 1;
       }
