@@ -183,6 +183,8 @@ struct Lane {
   int64_t pos, i, end;    // decode elements [i, end)
   int64_t block_end;      // codes of this block start before this bit
   int64_t next_start;     // where the next block's first code starts: this block must end there
+  int64_t start;          // the block's first element
+  uint8_t* symbols;       // the block's symbols, [end - start + 4] bytes (a step writes 4 at once)
 };
 
 // Multi-code table: for each 12-bit peek, the first one to three codes it holds completely.
@@ -206,47 +208,53 @@ void build_multi_table(const int16_t* table, uint32_t* multi) {
   }
 }
 
-// Four lookups (up to 12 codes, at most 48 bits) from one 8-byte read (57 valid bits). Always
-// writes three elements per lookup (those past the lookup's count are rewritten by the next), so
-// the lane needs 12 elements left. Branch-free: a peek that starts no code only sets `bad`, and
-// the caller rejects the block.
-template <typename Bits>
-inline void decode_step(const uint8_t* codes, const uint32_t* multi, const uint8_t* raw, Bits* out, Lane& lane,
-                        uint32_t& bad) {
-  using F = Fields<Bits>;
+// Four lookups (up to 12 codes, at most 48 bits) from one 8-byte read (57 valid bits). Each
+// lookup stores its entry's 4 low bytes at the lane's next symbol (the bytes past its count are
+// rewritten by the next lookup), so the lane needs 12 elements left. Branch-free: a peek that
+// starts no code only sets `bad`, and the caller rejects the block.
+inline void decode_step(const uint8_t* codes, const uint32_t* multi, Lane& lane, uint32_t& bad) {
   uint64_t word;
   memcpy(&word, codes + (lane.pos >> 3), 8);
   word >>= (lane.pos & 7);
-  int64_t advance = 0, i = lane.i;
+  int64_t advance = 0, i = lane.i - lane.start;
   for (int k = 0; k < 4; ++k) {
     const uint32_t entry = multi[word & kPeekMask];
     const uint32_t bits = (entry >> 26) & 0xFu;
-    out[i] = F::merge(entry & 0xFFu, raw + i * F::kRawBytes);
-    out[i + 1] = F::merge((entry >> 8) & 0xFFu, raw + (i + 1) * F::kRawBytes);
-    out[i + 2] = F::merge((entry >> 16) & 0xFFu, raw + (i + 2) * F::kRawBytes);
+    memcpy(lane.symbols + i, &entry, 4);
     bad |= entry >> 31;
     i += (entry >> 24) & 3u;
     word >>= bits;
     advance += bits;
   }
   lane.pos += advance;
-  lane.i = i;
+  lane.i = i + lane.start;
 }
 
 // Decodes the rest of a lane one code at a time; false if the stream runs past the block.
-template <typename Bits>
-inline bool decode_tail(const uint8_t* codes, const int16_t* table, const uint8_t* raw, Bits* out, Lane& lane,
-                        uint32_t& bad) {
-  using F = Fields<Bits>;
+inline bool decode_tail(const uint8_t* codes, const int16_t* table, Lane& lane, uint32_t& bad) {
   for (; lane.i < lane.end; ++lane.i) {
     if (lane.pos >= lane.block_end) return false;
     const uint16_t entry = static_cast<uint16_t>(table[lowbit::dfloat::peek(codes, lane.pos)]);
     const uint32_t length = entry_length(entry);
     bad |= (length == 0);
-    out[lane.i] = F::merge(entry_symbol(entry), raw + lane.i * F::kRawBytes);
+    lane.symbols[lane.i - lane.start] = static_cast<uint8_t>(entry_symbol(entry));
     lane.pos += length == 0 ? lowbit::dfloat::kMaxCodeLen : length;
   }
   return true;
+}
+
+// out[k] = merge(symbols[k], raw bits of k) for a block, in a loop the compiler vectorizes
+// (the restrict pointers tell it the byte buffers do not alias the output).
+void merge_block(const uint8_t* __restrict symbols, const uint8_t* __restrict raw, uint16_t* __restrict out,
+                 int64_t count) {
+  for (int64_t k = 0; k < count; ++k) {
+    out[k] = static_cast<uint16_t>(((raw[k] & 0x80u) << 8) | (uint32_t(symbols[k]) << 7) | (raw[k] & 0x7Fu));
+  }
+}
+
+void merge_block(const uint8_t* __restrict symbols, const uint8_t* __restrict raw, uint32_t* __restrict out,
+                 int64_t count) {
+  for (int64_t k = 0; k < count; ++k) out[k] = lowbit::dfloat::merge32(symbols[k], raw + 3 * k);
 }
 
 }  // namespace
@@ -270,12 +278,14 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
   const uint32_t* multi = multi_table.data();
 
   // A task decodes kLanes blocks interleaved, so that their chains of dependent table lookups
-  // overlap.
+  // overlap, into per-thread symbol buffers; then one vectorized pass per block merges symbols
+  // with their raw bits into the output.
   constexpr int kLanes = 4;
   const int64_t tasks = (blocks + kLanes - 1) / kLanes;
   int corrupt = 0;
 #pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
   {
+    std::vector<uint8_t> buffer(kLanes * (block_bits + 4));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       Lane lanes[kLanes];
@@ -284,7 +294,8 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
         const int64_t b = task * kLanes + l;
         lanes[l] = Lane{b * block_bits + gap_of(gaps, b * windows_per_block), block_starts[b], block_starts[b + 1],
                         std::min(total_bits, (b + 1) * block_bits),
-                        b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits};
+                        b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits,
+                        block_starts[b], buffer.data() + l * (block_bits + 4)};
       }
       uint32_t bad = 0;
       // A lane may step while 12 codes remain and its position is inside its block (which keeps
@@ -292,14 +303,15 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
       auto can_step = [](const Lane& lane) { return lane.end - lane.i >= 12 && lane.pos < lane.block_end; };
       if (count == kLanes) {
         while (can_step(lanes[0]) && can_step(lanes[1]) && can_step(lanes[2]) && can_step(lanes[3])) {
-          for (int l = 0; l < kLanes; ++l) decode_step(codes, multi, raw, out, lanes[l], bad);
+          for (int l = 0; l < kLanes; ++l) decode_step(codes, multi, lanes[l], bad);
         }
       }
       for (int l = 0; l < count; ++l) {
         Lane& lane = lanes[l];
-        while (can_step(lane)) decode_step(codes, multi, raw, out, lane, bad);
-        const bool inside = decode_tail(codes, table, raw, out, lane, bad);
+        while (can_step(lane)) decode_step(codes, multi, lane, bad);
+        const bool inside = decode_tail(codes, table, lane, bad);
         if (!inside || lane.pos != lane.next_start) bad = 1;
+        merge_block(lane.symbols, raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.end - lane.start);
       }
       corrupt |= bad != 0;
     }
