@@ -67,15 +67,26 @@ class BitWriter {
 
   void put(uint32_t code, int length) {
     acc_ |= uint64_t(code) << used_;
-    used_ += length;
-    while (used_ >= 8) {
-      store(static_cast<uint8_t>(acc_));
-      acc_ >>= 8;
-      used_ -= 8;
+    used_ += length;  // at most 31 + 12 bits held
+    if (used_ >= 32) {
+      if (byte_ == first_) {
+        for (int k = 0; k < 4; ++k) store(static_cast<uint8_t>(acc_ >> (8 * k)));
+      } else {
+        // Four bytes in stream (little-endian) order; compilers make this one store.
+        uint8_t* p = codes_ + byte_;
+        p[0] = static_cast<uint8_t>(acc_);
+        p[1] = static_cast<uint8_t>(acc_ >> 8);
+        p[2] = static_cast<uint8_t>(acc_ >> 16);
+        p[3] = static_cast<uint8_t>(acc_ >> 24);
+        byte_ += 4;
+      }
+      acc_ >>= 32;
+      used_ -= 32;
     }
   }
 
   void finish() {
+    for (; used_ >= 8; used_ -= 8, acc_ >>= 8) store(static_cast<uint8_t>(acc_));
     if (used_ > 0) __atomic_fetch_or(&codes_[byte_], static_cast<uint8_t>(acc_), __ATOMIC_RELAXED);
   }
 
