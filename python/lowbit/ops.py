@@ -42,8 +42,11 @@ def _define(name: str, args: str, returns: str, fake, check, impls: dict, native
     _lib.define(f"{name}({args}, str backend=\"auto\") -> {returns}")
     _lib.define(f"_{name}_native({args}) -> {returns}")
     signature = inspect.signature(fake)
+    arity = len(signature.parameters)
 
     def bind(args, kwargs) -> list:
+        if not kwargs and len(args) == arity:  # the dispatcher's usual call: nothing to bind
+            return list(args)
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
         return list(bound.arguments.values())
