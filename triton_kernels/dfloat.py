@@ -92,6 +92,22 @@ def _count_codes(codes_ptr, table_ptr, byte0, gap, end, last_end, valid, MAX_COD
 
 
 @triton.jit
+def _count_chunk(codes_ptr, gaps_ptr, table_ptr, flag_ptr, b, c, lane, elem_next, total_bits, window_bits,
+                 windows, windows_per_block, LANES: tl.constexpr, MAX_CODE_LEN: tl.constexpr):
+    """Phase 1 for chunk c of block b: per lane, the window's first byte, its gap, how many codes
+    start in it, and the index of its first element (after elem_next). Flags corrupt windows."""
+    in_block = c * LANES + lane
+    window = b * windows_per_block + in_block
+    valid = (in_block < windows_per_block) & (window < windows)
+    byte0 = window * (window_bits // 8)
+    gap, end, last_end = _window_bounds(gaps_ptr, window, valid, windows, total_bits, window_bits)
+    count, bad = _count_codes(codes_ptr, table_ptr, byte0, gap, end, last_end, valid, MAX_CODE_LEN)
+    tl.store(flag_ptr + tl.zeros_like(lane), 1, mask=bad)
+    elem = elem_next + (tl.cumsum(count, axis=0) - count)
+    return byte0, gap, count, elem
+
+
+@triton.jit
 def _merge(raw_ptr, elem, symbol, keep, RAW_BYTES: tl.constexpr, SHIFT: tl.constexpr):
     """Element ``elem``'s bit pattern from its symbol and raw byte(s), as int32 (16-bit patterns
     sign-extended). Formulas of merge16 / merge32 in csrc/common/dfloat.h:
@@ -141,14 +157,9 @@ def _dfloat_decode_kernel(
     if b == 0:
         tl.store(flag_ptr, 1, mask=(elem_next != 0) | (tl.load(block_starts_ptr + blocks) != n))
     for c in range(0, tl.cdiv(windows_per_block, LANES)):
-        in_block = c * LANES + lane
-        window = b * windows_per_block + in_block
-        valid = (in_block < windows_per_block) & (window < windows)
-        byte0 = window * (window_bits // 8)
-        gap, end, last_end = _window_bounds(gaps_ptr, window, valid, windows, total_bits, window_bits)
-        count, bad = _count_codes(codes_ptr, table_ptr, byte0, gap, end, last_end, valid, MAX_CODE_LEN)
-        tl.store(flag_ptr + tl.zeros_like(lane), 1, mask=bad)
-        elem = elem_next + (tl.cumsum(count, axis=0) - count)
+        byte0, gap, count, elem = _count_chunk(codes_ptr, gaps_ptr, table_ptr, flag_ptr, b, c, lane, elem_next,
+                                               total_bits, window_bits, windows, windows_per_block, LANES,
+                                               MAX_CODE_LEN)
         elem_next += tl.sum(count, axis=0)
 
         pos = gap
@@ -201,20 +212,15 @@ def _dfloat_gemv_kernel(
     if b == 0:
         tl.store(flag_ptr, 1, mask=(elem_next != 0) | (tl.load(block_starts_ptr + blocks) != n))
     for c in range(0, tl.cdiv(windows_per_block, LANES)):
-        in_block = c * LANES + lane
-        window = b * windows_per_block + in_block
-        valid = (in_block < windows_per_block) & (window < windows)
-        byte0 = window * (window_bits // 8)
-        gap, end, last_end = _window_bounds(gaps_ptr, window, valid, windows, total_bits, window_bits)
-        count, bad = _count_codes(codes_ptr, table_ptr, byte0, gap, end, last_end, valid, MAX_CODE_LEN)
-        tl.store(flag_ptr + tl.zeros_like(lane), 1, mask=bad)
-        elem = elem_next + (tl.cumsum(count, axis=0) - count)
+        byte0, gap, count, elem = _count_chunk(codes_ptr, gaps_ptr, table_ptr, flag_ptr, b, c, lane, elem_next,
+                                               total_bits, window_bits, windows, windows_per_block, LANES,
+                                               MAX_CODE_LEN)
         elem_next += tl.sum(count, axis=0)
         # Row and column of each lane's next element, stepped instead of divided.
         row = elem // in_features
         col = (elem - row * in_features).to(tl.int32)
         partial = tl.zeros((LANES, BATCH), dtype=tl.float32)
-        dirty = tl.zeros_like(valid)
+        dirty = lane < 0  # all False: no partial sum held yet
 
         pos = gap
         for k in range(0, tl.max(count, axis=0)):
