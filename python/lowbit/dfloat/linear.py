@@ -33,16 +33,9 @@ class DFloatLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=torch.bfloat16,
                  device=None, mode: str = "exact", backend: str | None = None):
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.in_features, self.out_features = in_features, out_features
-        self.mode, self.backend = mode, backend
         # An empty module holds the code of an all-zero weight until load_state_dict fills it.
-        self._set_weight(compress(torch.zeros(out_features, in_features, dtype=dtype, device=device)))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        weight = compress(torch.zeros(out_features, in_features, dtype=dtype, device=device))
+        self._setup(weight, torch.zeros(out_features, dtype=dtype, device=device) if bias else None, mode, backend)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, mode: str = "exact", backend: str | None = None) -> "DFloatLinear":
@@ -51,16 +44,20 @@ class DFloatLinear(nn.Module):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        module._setup(compress(linear.weight.detach()), bias, mode, backend)
+        return module
+
+    def _setup(self, weight: DFloatTensor, bias: torch.Tensor | None, mode: str, backend: str | None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        module.mode, module.backend = mode, backend
-        module._set_weight(compress(linear.weight.detach()))
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = weight.shape
+        self.mode, self.backend = mode, backend
+        self._set_weight(weight)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
         else:
-            module.register_parameter("bias", None)
-        return module
+            self.register_parameter("bias", None)
 
     # The stored form lives in buffers; the decode table is derived and not saved.
     def _set_weight(self, weight: DFloatTensor) -> None:
