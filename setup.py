@@ -48,7 +48,8 @@ def extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp"]
+    # No fused multiply-add contraction: kernels round at the steps their spec names (int8 quantization).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     sources = _sources("csrc/bindings.cpp", "csrc/cpu/*.cpp")
     off = _cuda_reason_off(torch)
     if off is None:
@@ -81,7 +82,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     package_dir={"lowbit": "python/lowbit", "lowbit.triton_kernels": "triton_kernels"},
-    packages=["lowbit", "lowbit.dfloat", "lowbit.nn", "lowbit.reference", "lowbit.triton_kernels"],
+    packages=["lowbit", "lowbit.dfloat", "lowbit.int8", "lowbit.nn", "lowbit.reference", "lowbit.triton_kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "tqdm", "triton>=3.0; platform_system=='Linux'"],

@@ -5,6 +5,7 @@
 #include "bindings.h"
 #include "cpu/bitpack.h"
 #include "cpu/dfloat.h"
+#include "cpu/int8.h"
 
 namespace lowbit {
 namespace {
@@ -110,6 +111,102 @@ at::Tensor dfloat_decode_cpu(const at::Tensor& codes, const at::Tensor& raw, con
   return out;
 }
 
+// ---- int8 ---------------------------------------------------------------------------------------
+
+// Calls fn(Type<T>{}) with the C++ type of x's dtype (float, c10::BFloat16, c10::Half).
+template <typename Fn>
+auto dispatch_int8_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(Type<float>{});
+    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
+    case at::kHalf: return fn(Type<c10::Half>{});
+    default: TORCH_CHECK_TYPE(false, "x must be bfloat16, float16 or float32, got ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_prepass_cpu(
+    const at::Tensor& x_in, const at::Tensor& static_mask_in, const at::Tensor& static_idx_in, double threshold) {
+  check_int8_prepass(x_in, static_mask_in, static_idx_in);
+  const at::Tensor x = x_in.contiguous(), static_mask = static_mask_in.contiguous();
+  const at::Tensor static_idx = static_idx_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), S = static_idx.numel();
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor row_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor col_flags = at::empty({K}, x.options().dtype(at::kByte));
+  at::Tensor x_static = at::empty({M, S}, x.options());
+  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    cpu::int8::prepass<T>(x.const_data_ptr<T>(), M, K, static_mask.const_data_ptr<uint8_t>(),
+                          static_idx.const_data_ptr<int32_t>(), S, static_cast<float>(threshold),
+                          xq.data_ptr<int8_t>(), row_scale.data_ptr<float>(), col_flags.data_ptr<uint8_t>(),
+                          x_static.data_ptr<T>());
+  });
+  return {xq, row_scale, col_flags, x_static};
+}
+
+// x_static @ static_weight^T in fp32, or an undefined tensor when there are no static columns.
+at::Tensor static_product(const at::Tensor& x_static, const at::Tensor& static_weight) {
+  if (x_static.size(1) == 0) return {};
+  return at::matmul(x_static.to(at::kFloat), static_weight.to(at::kFloat).t()).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// The int8 GEMM runs in torch._int_mm (oneDNN's int8 kernels); the rest is one fused pass.
+at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
+                           const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
+                           const at::Tensor& weight_scale_in, const at::Tensor& static_weight,
+                           const std::optional<at::Tensor>& bias_in, double threshold) {
+  check_int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale_in, static_weight, bias_in);
+  const int64_t M = x.size(0), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor acc = x.size(1) ? at::_int_mm(xq.contiguous(), weight.t()).contiguous()
+                             : at::zeros({M, N}, x.options().dtype(at::kInt));
+  // The 16-bit side product over the columns that hold outlier elements (found here; a CPU
+  // kernel can afford to look), with the int8 weight dequantized except for weight_scale.
+  at::Tensor dyn;
+  if (threshold > 0) {
+    const at::Tensor cols = col_flags.nonzero().flatten();
+    if (cols.numel()) {
+      at::Tensor xd = x.index_select(1, cols).to(at::kFloat);
+      xd = xd * (xd.abs() >= threshold);
+      dyn = at::matmul(xd, weight.index_select(1, cols).to(at::kFloat).t()).contiguous();
+    }
+  }
+  const at::Tensor extra = static_product(x_static, static_weight);
+  const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    cpu::int8::epilogue<T>(acc.const_data_ptr<int32_t>(), M, N, row.const_data_ptr<float>(),
+                           weight_scale.const_data_ptr<float>(), ptr_or_null<float>(dyn), ptr_or_null<float>(extra),
+                           ptr_or_null<T>(bias), y.data_ptr<T>());
+  });
+  return y;
+}
+
+at::Tensor int8_gemv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& weight_scale_in,
+                         const at::Tensor& static_idx, const at::Tensor& static_weight,
+                         const std::optional<at::Tensor>& bias_in) {
+  check_int8_gemv(x_in, weight_in, weight_scale_in, static_idx, static_weight, bias_in);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), weight_scale = weight_scale_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor extra = static_product(x.index_select(1, static_idx.to(at::kLong)), static_weight);
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    cpu::int8::gemv<T>(x.const_data_ptr<T>(), M, K, weight.const_data_ptr<int8_t>(), N,
+                       weight_scale.const_data_ptr<float>(), ptr_or_null<float>(extra), ptr_or_null<T>(bias),
+                       y.data_ptr<T>());
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
@@ -118,6 +215,9 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("_dfloat_histogram_native", &dfloat_histogram_cpu);
   m.impl("_dfloat_encode_native", &dfloat_encode_cpu);
   m.impl("_dfloat_decode_native", &dfloat_decode_cpu);
+  m.impl("_int8_prepass_native", &int8_prepass_cpu);
+  m.impl("_int8_matmul_native", &int8_matmul_cpu);
+  m.impl("_int8_gemv_native", &int8_gemv_cpu);
 }
 
 }  // namespace lowbit

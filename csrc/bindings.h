@@ -70,4 +70,71 @@ inline void check_dfloat_stream(const at::Tensor& codes, const at::Tensor& raw, 
               " values");
 }
 
+// ---- int8 (shapes and dtypes of python/lowbit/ops.py's int8 ops) ---------------------------------
+
+inline void check_int8_x(const at::Tensor& x) {
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+                   "x must be bfloat16, float16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D [rows, in_features], got ", x.dim(), " dimensions");
+  TORCH_CHECK(x.size(1) <= ((int64_t{1} << 31) - 1) / (127 * 127), "in_features ", x.size(1),
+              " is too large for int32 accumulation");
+}
+
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType type, at::IntArrayRef shape,
+                         const at::Tensor& like) {
+  TORCH_CHECK_TYPE(t.scalar_type() == type, name, " must be ", type, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", x on ", like.device());
+}
+
+inline void check_int8_static_idx(const at::Tensor& static_idx, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(static_idx.scalar_type() == at::kInt && static_idx.dim() == 1,
+                   "static_idx must be a 1-D int32 tensor");
+  TORCH_CHECK(static_idx.device() == x.device(), "static_idx is on ", static_idx.device(), ", x on ", x.device());
+  if (static_idx.numel() && static_idx.is_cpu()) {  // on the CPU the range check costs nothing
+    const auto range = at::aminmax(static_idx);
+    TORCH_CHECK(std::get<0>(range).item<int32_t>() >= 0 && std::get<1>(range).item<int32_t>() < x.size(1),
+                "static_idx must hold columns in [0, ", x.size(1), ")");
+  }
+}
+
+inline void check_int8_weight(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                              const at::Tensor& static_weight, const std::optional<at::Tensor>& bias,
+                              int64_t static_count) {
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "weight must be [out_features, ", x.size(1), "]");
+  const int64_t n = weight.size(0);
+  check_tensor(weight, "weight", at::kChar, {n, x.size(1)}, x);
+  check_tensor(weight_scale, "weight_scale", at::kFloat, {n}, x);
+  check_tensor(static_weight, "static_weight", x.scalar_type(), {n, static_count}, x);
+  if (bias.has_value()) check_tensor(*bias, "bias", x.scalar_type(), {n}, x);
+}
+
+inline void check_int8_prepass(const at::Tensor& x, const at::Tensor& static_mask, const at::Tensor& static_idx) {
+  check_int8_x(x);
+  check_tensor(static_mask, "static_mask", at::kByte, {x.size(1)}, x);
+  check_int8_static_idx(static_idx, x);
+}
+
+inline void check_int8_matmul(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
+                              const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
+                              const at::Tensor& weight_scale, const at::Tensor& static_weight,
+                              const std::optional<at::Tensor>& bias) {
+  check_int8_x(x);
+  const int64_t m = x.size(0), k = x.size(1);
+  check_tensor(xq, "xq", at::kChar, {m, k}, x);
+  check_tensor(row_scale, "row_scale", at::kFloat, {m}, x);
+  check_tensor(col_flags, "col_flags", at::kByte, {k}, x);
+  TORCH_CHECK(x_static.dim() == 2 && x_static.size(0) == m, "x_static must be [", m, ", S]");
+  check_tensor(x_static, "x_static", x.scalar_type(), {m, x_static.size(1)}, x);
+  check_int8_weight(x, weight, weight_scale, static_weight, bias, x_static.size(1));
+}
+
+inline void check_int8_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                            const at::Tensor& static_idx, const at::Tensor& static_weight,
+                            const std::optional<at::Tensor>& bias) {
+  check_int8_x(x);
+  check_int8_static_idx(static_idx, x);
+  check_int8_weight(x, weight, weight_scale, static_weight, bias, static_idx.numel());
+}
+
 }  // namespace lowbit

@@ -5,12 +5,12 @@ that runs them is chosen by one rule (``lowbit.backend``).
 """
 
 from lowbit import backend, ops
-from lowbit import dfloat, nn
+from lowbit import dfloat, int8, nn
 from lowbit.quantize import quantize
 from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "nn", "ops", "quantize", "__version__",
+    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "int8", "nn", "ops", "quantize", "__version__",
 ]

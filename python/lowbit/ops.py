@@ -25,6 +25,7 @@ from lowbit import _native, backend as _backend
 from lowbit.errors import FormatError
 from lowbit.reference import bitpack as _ref_bitpack
 from lowbit.reference import dfloat as _ref_dfloat
+from lowbit.reference import int8 as _ref_int8
 
 _lib = torch.library.Library("lowbit", "DEF")
 
@@ -40,7 +41,8 @@ def _define(name: str, args: str, returns: str, fake, check, impls: dict, native
     they serve both ops.
     """
     _lib.define(f"{name}({args}, str backend=\"auto\") -> {returns}")
-    _lib.define(f"_{name}_native({args}) -> {returns}")
+    if native:
+        _lib.define(f"_{name}_native({args}) -> {returns}")
     signature = inspect.signature(fake)
     arity = len(signature.parameters)
 
@@ -56,22 +58,22 @@ def _define(name: str, args: str, returns: str, fake, check, impls: dict, native
         return fake(*args, **kwargs)
 
     torch.library.register_fake(f"lowbit::{name}", checked_fake, lib=_lib)
-    torch.library.register_fake(f"lowbit::_{name}_native", checked_fake, lib=_lib)
-
-    native_op = getattr(torch.ops.lowbit, f"_{name}_native")
-
-    def run_native(*args):
-        try:
-            return native_op(*args)
-        except ValueError as exc:  # the kernels report corrupted data as "corrupted ...: why"
-            if str(exc).startswith("corrupted "):
-                raise FormatError(str(exc)) from None
-            raise
-
     for backend_name, fn in impls.items():
         _backend.register(name, backend_name, fn)
-    for device in native:  # devices for which lowbit._C registers a kernel
-        _backend.register(name, device, run_native)
+    if native:
+        torch.library.register_fake(f"lowbit::_{name}_native", checked_fake, lib=_lib)
+        native_op = getattr(torch.ops.lowbit, f"_{name}_native")
+
+        def run_native(*args):
+            try:
+                return native_op(*args)
+            except ValueError as exc:  # the kernels report corrupted data as "corrupted ...: why"
+                if str(exc).startswith("corrupted "):
+                    raise FormatError(str(exc)) from None
+                raise
+
+        for device in native:  # devices for which lowbit._C registers a kernel
+            _backend.register(name, device, run_native)
 
     def route(*args, **kwargs):
         *args, backend = bind(args, kwargs)
@@ -341,6 +343,206 @@ def dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bi
     """
     return torch.ops.lowbit.dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits,
                                         window_bits, windows_per_block, bias, _backend.requested(backend))
+
+
+# ---------------------------------------------------------------------------------------------
+# int8: LLM.int8() decomposition (docs/formats.md, "int8"; spec in lowbit.reference.int8).
+
+INT8_DTYPES = _ref_int8.DTYPES
+# The int32 accumulator holds any sum of in_features products of two int8 in [-127, 127].
+INT8_MAX_IN_FEATURES = (2**31 - 1) // (127 * 127)
+
+
+def _check_devices(what: str, tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{what} must be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_tensor(name: str, t: torch.Tensor, dtypes, shape) -> None:
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must be {want}, got {t.dtype}")
+    if list(t.shape) != list(shape):
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+
+
+def _check_int8_x(x: torch.Tensor) -> None:
+    if x.dtype not in INT8_DTYPES:
+        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [rows, in_features], got shape {list(x.shape)}")
+    if x.shape[1] > INT8_MAX_IN_FEATURES:
+        raise ValueError(f"in_features must be at most {INT8_MAX_IN_FEATURES} (int32 accumulation), got {x.shape[1]}")
+
+
+def _check_int8_static(x, static_mask, static_idx) -> None:
+    _check_tensor("static_mask", static_mask, (torch.uint8,), [x.shape[1]])
+    if static_idx.dtype != torch.int32 or static_idx.dim() != 1:
+        raise TypeError(f"static_idx must be a 1-D int32 tensor, got {static_idx.dtype} of shape "
+                        f"{list(static_idx.shape)}")
+
+
+def _check_int8_weight(x, weight, weight_scale, static_weight, bias, static_count: int) -> None:
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be int8 [out_features, {x.shape[1]}], got {weight.dtype} of shape "
+                         f"{list(weight.shape)}")
+    out_features = weight.shape[0]
+    _check_tensor("weight_scale", weight_scale, (torch.float32,), [out_features])
+    _check_tensor("static_weight", static_weight, (x.dtype,), [out_features, static_count])
+    if bias is not None:
+        _check_tensor("bias", bias, (x.dtype,), [out_features])
+
+
+def _check_int8_prepass(x, static_mask, static_idx, threshold, backend="auto"):
+    _check_int8_x(x)
+    _check_int8_static(x, static_mask, static_idx)
+    _check_devices("x, static_mask and static_idx", (x, static_mask, static_idx))
+
+
+def _fake_int8_prepass(x, static_mask, static_idx, threshold, backend="auto"):
+    m, k = x.shape
+    return (x.new_empty((m, k), dtype=torch.int8), x.new_empty((m,), dtype=torch.float32),
+            x.new_empty((k,), dtype=torch.uint8), x.new_empty((m, static_idx.shape[0])))
+
+
+def _check_int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold,
+                       backend="auto"):
+    _check_int8_x(x)
+    m, k = x.shape
+    _check_tensor("xq", xq, (torch.int8,), [m, k])
+    _check_tensor("row_scale", row_scale, (torch.float32,), [m])
+    _check_tensor("col_flags", col_flags, (torch.uint8,), [k])
+    if x_static.dtype != x.dtype or x_static.dim() != 2 or x_static.shape[0] != m:
+        raise ValueError(f"x_static must be {x.dtype} [{m}, S], got {x_static.dtype} of shape {list(x_static.shape)}")
+    _check_int8_weight(x, weight, weight_scale, static_weight, bias, x_static.shape[1])
+    _check_devices("x, the pre-pass outputs and the weight's tensors",
+                   (x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias))
+
+
+def _fake_int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold,
+                      backend="auto"):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _check_int8_linear(x, weight, weight_scale, static_mask, static_idx, static_weight, bias, threshold,
+                       backend="auto"):
+    _check_int8_x(x)
+    _check_int8_static(x, static_mask, static_idx)
+    _check_int8_weight(x, weight, weight_scale, static_weight, bias, static_idx.shape[0])
+    _check_devices("x and the weight's tensors",
+                   (x, weight, weight_scale, static_mask, static_idx, static_weight, bias))
+
+
+def _fake_int8_linear(x, weight, weight_scale, static_mask, static_idx, static_weight, bias, threshold,
+                      backend="auto"):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _check_int8_gemv(x, weight, weight_scale, static_idx, static_weight, bias, backend="auto"):
+    _check_int8_x(x)
+    if static_idx.dtype != torch.int32 or static_idx.dim() != 1:
+        raise TypeError(f"static_idx must be a 1-D int32 tensor, got {static_idx.dtype} of shape "
+                        f"{list(static_idx.shape)}")
+    _check_int8_weight(x, weight, weight_scale, static_weight, bias, static_idx.shape[0])
+    _check_devices("x and the weight's tensors", (x, weight, weight_scale, static_idx, static_weight, bias))
+
+
+def _fake_int8_gemv(x, weight, weight_scale, static_idx, static_weight, bias, backend="auto"):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def _int8_linear_via(prepass_backend: str, matmul_backend: str):
+    """The composite ``int8_linear``: the pre-pass then the GEMM, on the named backends."""
+    def run(x, weight, weight_scale, static_mask, static_idx, static_weight, bias, threshold):
+        xq, row_scale, col_flags, x_static = torch.ops.lowbit.int8_prepass(x, static_mask, static_idx, threshold,
+                                                                             prepass_backend)
+        return torch.ops.lowbit.int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale,
+                                            static_weight, bias, threshold, matmul_backend)
+    return run
+
+
+_INT8_WEIGHT = "Tensor weight, Tensor weight_scale"
+_define(
+    "int8_prepass",
+    "Tensor x, Tensor static_mask, Tensor static_idx, float threshold",
+    "(Tensor xq, Tensor row_scale, Tensor col_flags, Tensor x_static)",
+    _fake_int8_prepass,
+    _check_int8_prepass,
+    {
+        "reference": _ref_int8.prepass,
+        "triton": lambda *args: _triton("int8").prepass(*args),
+    },
+)
+_define(
+    "int8_matmul",
+    "Tensor x, Tensor xq, Tensor row_scale, Tensor col_flags, Tensor x_static, " + _INT8_WEIGHT
+    + ", Tensor static_weight, Tensor? bias, float threshold",
+    "Tensor",
+    _fake_int8_matmul,
+    _check_int8_matmul,
+    {
+        "reference": _ref_int8.matmul,
+        "triton": lambda *args: _triton("int8").matmul(*args),
+    },
+    native=("cpu",),
+)
+_define(
+    "int8_gemv",
+    "Tensor x, " + _INT8_WEIGHT + ", Tensor static_idx, Tensor static_weight, Tensor? bias",
+    "Tensor",
+    _fake_int8_gemv,
+    _check_int8_gemv,
+    {
+        "reference": _ref_int8.gemv,
+        "triton": lambda *args: _triton("int8").gemv(*args),
+    },
+)
+# The GEMM is a Triton kernel on GPUs (tl.dot on int8); the backend picks the pre-pass's kernel.
+_define(
+    "int8_linear",
+    "Tensor x, " + _INT8_WEIGHT + ", Tensor static_mask, Tensor static_idx, Tensor static_weight, Tensor? bias, "
+    "float threshold",
+    "Tensor",
+    _fake_int8_linear,
+    _check_int8_linear,
+    {
+        "reference": _ref_int8.linear,
+        "cpu": _int8_linear_via("cpu", "cpu"),
+        "cuda": _int8_linear_via("cuda", "triton"),
+        "triton": _int8_linear_via("triton", "triton"),
+    },
+    native=(),
+)
+
+
+def int8_prepass(x, static_mask, static_idx, threshold, *, backend=None):
+    """The activation pre-pass, one read of x [M, K] with no host synchronization:
+    -> (xq int8 [M, K], row_scale fp32 [M], col_flags uint8 [K], x_static [M, S]).
+    See ``lowbit.reference.int8`` for the exact definition."""
+    return torch.ops.lowbit.int8_prepass(x, static_mask, static_idx, float(threshold), _backend.requested(backend))
+
+
+def int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold, *,
+                backend=None):
+    """int8 x int8 -> int32 GEMM with the dequantization, the 16-bit outlier and static-column
+    products, the bias and the output cast fused: -> [M, out] of x.dtype."""
+    return torch.ops.lowbit.int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight,
+                                        bias, float(threshold), _backend.requested(backend))
+
+
+def int8_gemv(x, weight, weight_scale, static_idx, static_weight, bias=None, *, backend=None):
+    """Weight-only product for small batches: x [M, K] (16-bit, not quantized) with the int8 weight,
+    reading half the bytes of a bf16 weight: -> [M, out] of x.dtype."""
+    return torch.ops.lowbit.int8_gemv(x, weight, weight_scale, static_idx, static_weight, bias,
+                                      _backend.requested(backend))
+
+
+def int8_linear(x, weight, weight_scale, static_mask, static_idx, static_weight, bias, threshold, *, backend=None):
+    """The decomposed product: ``int8_prepass`` then ``int8_matmul``. The backend names the
+    pre-pass kernel; on CUDA tensors the GEMM is always the Triton kernel."""
+    return torch.ops.lowbit.int8_linear(x, weight, weight_scale, static_mask, static_idx, static_weight, bias,
+                                        float(threshold), _backend.requested(backend))
 
 
 # The schemas exist now, so the extension's kernels can attach to them.

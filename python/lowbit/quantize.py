@@ -8,9 +8,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.dfloat.linear import DFloatLinear
+from lowbit.int8.linear import Int8Linear
 
 METHODS: dict[str, Callable[..., nn.Module]] = {
     "dfloat": DFloatLinear.from_linear,
+    "int8": Int8Linear.from_linear,
 }
 
 

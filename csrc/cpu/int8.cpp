@@ -1,0 +1,95 @@
+// C++ CPU kernels of the int8 family; see int8.h. The per-element rules come from
+// csrc/common/int8.h, which the CUDA kernels use too. Loops are written without branches so that
+// the compiler vectorizes them, once for plain x86-64 and once for AVX-512 (picked at run time);
+// OpenMP splits rows (pre-pass, epilogue) or output features (gemv).
+#include "int8.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "../common/int8.h"
+
+namespace lowbit::cpu::int8 {
+namespace {
+
+using lowbit::int8::QMAX;
+
+// Work below this many elements stays on one thread: waking the pool costs more.
+constexpr int64_t kParallelMin = 1 << 15;
+
+int threads_for(int64_t work) { return work >= kParallelMin ? omp_get_max_threads() : 1; }
+
+template <typename T>
+inline void to_float(const T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+namespace generic {
+#include "int8_kernels.inc"
+}  // namespace generic
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LOWBIT_HAVE_AVX512_BUILD 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#include "int8_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+bool use_avx512() {
+#ifdef LOWBIT_HAVE_AVX512_BUILD
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+#ifdef LOWBIT_HAVE_AVX512_BUILD
+#define LOWBIT_INT8_CALL(fn, ...) (use_avx512() ? avx512::fn(__VA_ARGS__) : generic::fn(__VA_ARGS__))
+#else
+#define LOWBIT_INT8_CALL(fn, ...) generic::fn(__VA_ARGS__)
+#endif
+
+}  // namespace
+
+template <typename T>
+void prepass(const T* x, int64_t M, int64_t K, const uint8_t* static_mask, const int32_t* static_idx, int64_t S,
+             float threshold, int8_t* xq, float* row_scale, uint8_t* col_flags, T* x_static) {
+  LOWBIT_INT8_CALL(prepass<T>, x, M, K, static_mask, static_idx, S, threshold, xq, row_scale, col_flags, x_static);
+}
+
+template <typename T>
+void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale,
+              const float* dyn, const float* extra, const T* bias, T* y) {
+  LOWBIT_INT8_CALL(epilogue<T>, acc, M, N, row_scale, weight_scale, dyn, extra, bias, y);
+}
+
+template <typename T>
+void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, const float* weight_scale,
+          const float* extra, const T* bias, T* y) {
+  LOWBIT_INT8_CALL(gemv<T>, x, M, K, weight, N, weight_scale, extra, bias, y);
+}
+
+
+#define LOWBIT_INT8_INSTANTIATE(T)                                                                               \
+  template void prepass<T>(const T*, int64_t, int64_t, const uint8_t*, const int32_t*, int64_t, float, int8_t*, \
+                           float*, uint8_t*, T*);                                                                \
+  template void epilogue<T>(const int32_t*, int64_t, int64_t, const float*, const float*, const float*,         \
+                            const float*, const T*, T*);                                                         \
+  template void gemv<T>(const T*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*, const T*, \
+                        T*);
+LOWBIT_INT8_INSTANTIATE(float)
+LOWBIT_INT8_INSTANTIATE(c10::BFloat16)
+LOWBIT_INT8_INSTANTIATE(c10::Half)
+#undef LOWBIT_INT8_INSTANTIATE
+
+}  // namespace lowbit::cpu::int8

@@ -1,0 +1,27 @@
+// C++ CPU kernels of the int8 family (LLM.int8() decomposition). The spec is
+// python/lowbit/reference/int8.py. Contiguous row-major buffers; T is float, c10::BFloat16 or c10::Half.
+#pragma once
+
+#include <stdint.h>
+
+namespace lowbit::cpu::int8 {
+
+// The activation pre-pass. x [M, K] -> xq int8 [M, K], row_scale [M], col_flags [K] (overwritten),
+// x_static [M, S] = x[:, static_idx].
+template <typename T>
+void prepass(const T* x, int64_t M, int64_t K, const uint8_t* static_mask, const int32_t* static_idx, int64_t S,
+             float threshold, int8_t* xq, float* row_scale, uint8_t* col_flags, T* x_static);
+
+// The GEMM's epilogue: y[m, n] = acc[m, n] * row_scale[m] * weight_scale[n] (+ dyn[m, n] *
+// weight_scale[n]) (+ extra[m, n]) (+ bias[n]), rounded once to T. dyn, extra, bias may be null.
+template <typename T>
+void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale,
+              const float* dyn, const float* extra, const T* bias, T* y);
+
+// Weight-only product: y[m, n] = weight_scale[n] * sum_k x[m, k] weight[n, k] (+ extra[m, n])
+// (+ bias[n]), fp32 accumulation. extra and bias may be null.
+template <typename T>
+void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, const float* weight_scale,
+          const float* extra, const T* bias, T* y);
+
+}  // namespace lowbit::cpu::int8
