@@ -1,0 +1,161 @@
+"""Int8Linear in place of nn.Linear: accuracy against bitsandbytes' algorithm, state dicts
+(its own and bitsandbytes'), compile, devices and bad input."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.nn import Int8Linear
+from lowbit.reference import int8 as ref
+
+from dfloat_data import minilm_state_dict
+from int8_data import bnb_int8_linear, outlier_activations, per_token_int8_linear, relative_error
+
+DTYPES = [torch.bfloat16, torch.float16]
+DTYPE_IDS = ["bf16", "fp16"]
+
+
+def _minilm_linear(dtype, name="encoder.layer.0.intermediate.dense"):
+    sd = minilm_state_dict()
+    w = sd[name + ".weight"]
+    linear = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        linear.bias.copy_(sd[name + ".bias"])
+    return linear.to(dtype).requires_grad_(False)
+
+
+def _exact(linear, x):
+    return x.float() @ linear.weight.float().T + linear.bias.float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_matches_reference_and_is_as_accurate_as_bitsandbytes(dtype):
+    linear = _minilm_linear(dtype)
+    x = outlier_activations(64, linear.in_features, dtype=dtype)
+    module = Int8Linear.from_linear(linear)
+    y = module(x)
+    w = module
+    want = ref.linear(x, w.weight, w.weight_scale, w.static_mask, w.static_idx, w.static_weight, w.bias, 6.0)
+    torch.testing.assert_close(y.float(), want.float(), rtol=torch.finfo(dtype).eps, atol=1e-4)
+    exact = _exact(linear, x)
+    ours = relative_error(y, exact)
+    bnb = relative_error(bnb_int8_linear(x, linear.weight, linear.bias), exact)
+    plain = relative_error(per_token_int8_linear(x, linear.weight, linear.bias), exact)
+    assert ours <= bnb * 1.05, (ours, bnb)
+    assert ours < plain / 2, (ours, plain)  # the decomposition is what keeps the accuracy
+
+
+def test_calibrated_static_columns_beat_bitsandbytes():
+    linear = _minilm_linear(torch.bfloat16)
+    calibration = outlier_activations(128, linear.in_features, seed=1)
+    x = outlier_activations(64, linear.in_features, seed=2)
+    module = Int8Linear.from_linear(linear, calibration=calibration)
+    assert module.static_idx.numel() == 6
+    exact = _exact(linear, x)
+    ours = relative_error(module(x), exact)
+    bnb = relative_error(bnb_int8_linear(x, linear.weight, linear.bias), exact)
+    assert ours < bnb, (ours, bnb)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 4096])
+def test_shapes(rows):
+    linear = _minilm_linear(torch.bfloat16, "encoder.layer.0.attention.self.query")
+    module = Int8Linear.from_linear(linear)
+    x = outlier_activations(rows, 384) if rows else torch.zeros(0, 384, dtype=torch.bfloat16)
+    y = module(x.reshape(rows, 1, 384) if rows else x)
+    assert y.shape == ((rows, 1, 384) if rows else (0, 384)) and y.dtype == torch.bfloat16
+    if rows:
+        assert relative_error(y.reshape(rows, 384), _exact(linear, x)) < 0.02
+
+
+def test_state_dict_round_trip_into_an_empty_module():
+    linear = _minilm_linear(torch.float16)
+    module = Int8Linear.from_linear(linear, calibration=outlier_activations(32, 384, dtype=torch.float16))
+    buf = io.BytesIO()
+    torch.save(module.state_dict(), buf)
+    buf.seek(0)
+    loaded = Int8Linear(384, 1536, dtype=torch.float16)
+    loaded.load_state_dict(torch.load(buf, weights_only=True))
+    x = outlier_activations(5, 384, seed=3, dtype=torch.float16)
+    assert torch.equal(loaded(x), module(x))
+    assert torch.equal(loaded.static_idx, module.static_idx) and loaded.static_idx.numel() > 0
+
+
+def test_threshold_is_saved():
+    linear = _minilm_linear(torch.bfloat16)
+    module = Int8Linear.from_linear(linear, threshold=4.0)
+    loaded = Int8Linear(384, 1536)
+    loaded.load_state_dict(module.state_dict())
+    x = outlier_activations(5, 384, seed=4)
+    assert loaded._threshold == 4.0 and torch.equal(loaded(x), module(x))
+
+
+def test_loads_a_bitsandbytes_state_dict():
+    linear = _minilm_linear(torch.float16)
+    w = linear.weight.float()
+    scb = w.abs().amax(dim=1)  # bitsandbytes' row absmax
+    cb = torch.round(w * (127.0 / scb[:, None])).to(torch.int8)
+    state = {"weight": cb, "SCB": scb, "weight_format": torch.tensor(0, dtype=torch.uint8), "bias": linear.bias}
+    module = Int8Linear(384, 1536, dtype=torch.float16)
+    module.load_state_dict(state)
+    assert torch.equal(module.weight, cb) and torch.equal(module.weight_scale, scb / 127)
+    x = outlier_activations(16, 384, dtype=torch.float16)
+    exact = _exact(linear, x)
+    assert relative_error(module(x), exact) <= 1.05 * relative_error(bnb_int8_linear(x, linear.weight, linear.bias),
+                                                                     exact)
+    with pytest.raises(RuntimeError, match="weight_format"):
+        Int8Linear(384, 1536).load_state_dict({**state, "weight_format": torch.tensor(2, dtype=torch.uint8)})
+
+
+def test_compile_fullgraph():
+    module = Int8Linear.from_linear(_minilm_linear(torch.bfloat16), calibration=outlier_activations(8, 384))
+    compiled = torch.compile(module, fullgraph=True)
+    x = outlier_activations(9, 384, seed=5)
+    assert torch.equal(compiled(x), module(x))
+
+
+def test_moving_never_requantizes(monkeypatch):
+    module = Int8Linear.from_linear(_minilm_linear(torch.bfloat16))
+    weight, scale = module.weight.clone(), module.weight_scale.clone()
+    monkeypatch.setattr(ref, "quantize_weight", lambda *a: pytest.fail("re-quantized"))
+    moved = module.to("cpu").half().to(torch.float32)
+    assert torch.equal(moved.weight, weight) and torch.equal(moved.weight_scale, scale)
+    assert moved.weight_scale.dtype == torch.float32 and moved.bias.dtype == torch.float32
+    x = outlier_activations(3, 384, dtype=torch.float32)
+    assert moved(x).dtype == torch.float32
+
+
+def test_quantize_swaps_linears():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).to(torch.bfloat16)
+    x = torch.randn(4, 32, dtype=torch.bfloat16)
+    want = model(x)
+    lowbit.quantize(model, "int8", progress=False)
+    assert all(isinstance(model[i], Int8Linear) for i in (0, 2))
+    assert relative_error(model(x), want) < 0.03
+
+
+def test_bad_input_names_the_argument():
+    module = Int8Linear.from_linear(_minilm_linear(torch.bfloat16))
+    with pytest.raises(ValueError, match="in_features = 384"):
+        module(torch.zeros(2, 383, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="input must be"):
+        module(torch.zeros(2, 384, dtype=torch.int32))
+    with pytest.raises(TypeError, match="linear must be"):
+        Int8Linear.from_linear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="static columns"):
+        lowbit.int8.quantize_linear(torch.zeros(4, 8), torch.tensor([9]))
+
+
+def test_nan_row_gives_nan_row_only():
+    linear = _minilm_linear(torch.bfloat16)
+    module = Int8Linear.from_linear(linear)
+    x = outlier_activations(4, 384)
+    bad = x.clone()
+    bad[2, 100] = float("nan")
+    y, y_bad = module(x), module(bad)
+    assert y_bad[2].isnan().all() and linear(bad)[2].isnan().all()
+    assert torch.equal(y_bad[[0, 1, 3]], y[[0, 1, 3]])

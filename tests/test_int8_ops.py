@@ -1,0 +1,162 @@
+"""The int8 ops on the CPU backend against the reference, and the op contract's checks."""
+
+import pytest
+import torch
+
+import lowbit
+from lowbit import ops
+from lowbit.reference import int8 as ref
+
+from conftest import skip_unless_available
+
+
+
+@pytest.fixture(autouse=True)
+def _needs_cpu_kernels():
+    skip_unless_available("cpu", "cpu")
+
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+DTYPE_IDS = ["bf16", "fp16", "fp32"]
+
+
+def _layer(rows, k, n, dtype, static=(), seed=0, outliers=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, k, generator=g) * 2).to(dtype)
+    if outliers and rows and k > 9:
+        x[rows // 2, 9] = 40.0
+        x[:, 1] = -7.5  # a whole outlier column
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    idx = torch.tensor(static, dtype=torch.int32)
+    wq, ws, kept = ref.quantize_weight(w, idx)
+    mask = ref.static_mask(idx, k, "cpu").to(torch.uint8)
+    return x, w, bias, idx, mask, wq, ws, kept
+
+
+def _equal(a, b):
+    if a.dtype == torch.int8:
+        return torch.equal(a, b)
+    return torch.equal(a.float().nan_to_num(7.0, 8.0, 9.0), b.float().nan_to_num(7.0, 8.0, 9.0))
+
+
+def _close(y, r, dtype):
+    """fp32 accumulation in another order (about 1e-5 relative), then one rounding to dtype (one
+    unit in its last place)."""
+    rtol = max(torch.finfo(dtype).eps, 1e-5)
+    scale = r.float().nan_to_num(0, 0, 0).abs().max().item() if r.numel() else 0.0
+    torch.testing.assert_close(y.float(), r.float(), rtol=rtol, atol=1e-5 * scale + 1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 16), (37, 300), (256, 1024), (0, 64), (5, 0)])
+@pytest.mark.parametrize("static", [(), (0, 2, 31)], ids=["nostatic", "static"])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_prepass_matches_reference(dtype, shape, static, threshold):
+    rows, k = shape
+    static = tuple(c for c in static if c < k)
+    x, _, _, idx, mask, *_ = _layer(rows, k, 8, dtype, static)
+    got = ops.int8_prepass(x, mask, idx, threshold, backend="cpu")
+    want = ref.prepass(x, mask, idx, threshold)
+    for name, a, b in zip(("xq", "row_scale", "col_flags", "x_static"), got, want):
+        assert _equal(a, b), name
+
+
+def test_prepass_rounds_half_to_even_at_fp32_steps():
+    # 127 / absmax as one fp32 division, then rint: values that land on .5 go to the even side.
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5]])
+    xq, scale, _, _ = ops.int8_prepass(x, torch.zeros(6, dtype=torch.uint8), torch.zeros(0, dtype=torch.int32), 0.0,
+                                       backend="cpu")
+    assert xq.tolist() == [[127, 0, 2, 2, 0, -2]]
+    assert scale.item() == 1.0
+
+
+def test_nan_and_inf_rows_stay_in_their_rows():
+    x, w, bias, idx, mask, wq, ws, kept = _layer(6, 64, 10, torch.bfloat16, (3,))
+    bad = x.clone()
+    bad[1, 5] = float("nan")
+    bad[4, 7] = float("inf")
+    y_bad = ops.int8_linear(bad, wq, ws, mask, idx, kept, bias, 6.0, backend="cpu")
+    y = ops.int8_linear(x, wq, ws, mask, idx, kept, bias, 6.0, backend="cpu")
+    assert y_bad[1].isnan().all()  # like nn.Linear: a NaN input gives a NaN row
+    assert not y_bad[4].isfinite().any()
+    for r in (0, 2, 3, 5):
+        assert torch.equal(y_bad[r], y[r])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 16, 8), (37, 300, 91), (300, 512, 129)])
+@pytest.mark.parametrize("static", [(), (0, 2, 11)], ids=["nostatic", "static"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matmul_and_linear_match_reference(dtype, shape, static, bias):
+    rows, k, n = shape
+    x, _, b, idx, mask, wq, ws, kept = _layer(rows, k, n, dtype, static)
+    b = b if bias else None
+    pre = ref.prepass(x, mask, idx, 6.0)
+    assert pre[2].any()  # the inputs hold outliers, so the 16-bit side product is exercised
+    want = ref.matmul(x, *pre, wq, ws, kept, b, 6.0)
+    _close(ops.int8_matmul(x, *pre, wq, ws, kept, b, 6.0, backend="cpu"), want, dtype)
+    _close(ops.int8_linear(x, wq, ws, mask, idx, kept, b, 6.0, backend="cpu"), want, dtype)
+
+
+def test_matmul_uses_every_term():
+    """The reference's terms each change the result, so the comparisons above can fail."""
+    x, _, b, idx, mask, wq, ws, kept = _layer(9, 64, 16, torch.float32, (3,))
+    pre = ref.prepass(x, mask, idx, 6.0)
+    y = ops.int8_matmul(x, *pre, wq, ws, kept, b, 6.0, backend="cpu")
+    no_flags = ops.int8_matmul(x, pre[0], pre[1], torch.zeros_like(pre[2]), pre[3], wq, ws, kept, b, 6.0, backend="cpu")
+    no_static = ops.int8_matmul(x, *pre, wq, ws, torch.zeros_like(kept), b, 6.0, backend="cpu")
+    no_bias = ops.int8_matmul(x, *pre, wq, ws, kept, None, 6.0, backend="cpu")
+    for other in (no_flags, no_static, no_bias):
+        assert (other - y).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("static", [(), (4, 40)], ids=["nostatic", "static"])
+def test_gemv_matches_reference(dtype, rows, static):
+    x, _, b, idx, mask, wq, ws, kept = _layer(rows, 200, 33, dtype, static)
+    want = ref.gemv(x, wq, ws, idx, kept, b)
+    got = ops.int8_gemv(x, wq, ws, idx, kept, b, backend="cpu")
+    _close(got, want, dtype)
+
+
+def test_weight_quantization_keeps_static_columns_exactly():
+    w = torch.randn(8, 20, dtype=torch.bfloat16)
+    w[:, 3] *= 100  # a column that would dominate the row scales
+    idx = torch.tensor([3], dtype=torch.int32)
+    q, scale, kept = ref.quantize_weight(w, idx)
+    assert torch.equal(kept[:, 0], w[:, 3]) and (q[:, 3] == 0).all()
+    assert torch.allclose(scale, w.float().masked_fill(torch.arange(20) == 3, 0).abs().amax(1) / 127)
+    assert (q.abs() <= 127).all() and (q.abs().amax(1) == 127).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    x, _, b, idx, mask, wq, ws, kept = _layer(5, 32, 12, torch.bfloat16, (1,))
+    pre = ops.int8_prepass(x, mask, idx, 6.0, backend=backend)
+    torch.library.opcheck(torch.ops.lowbit.int8_prepass, (x, mask, idx, 6.0, backend))
+    torch.library.opcheck(torch.ops.lowbit.int8_matmul, (x, *pre, wq, ws, kept, b, 6.0, backend))
+    torch.library.opcheck(torch.ops.lowbit.int8_gemv, (x, wq, ws, idx, kept, b, backend))
+    torch.library.opcheck(torch.ops.lowbit.int8_linear, (x, wq, ws, mask, idx, kept, b, 6.0, backend))
+
+
+def test_checks_name_the_argument():
+    x, _, b, idx, mask, wq, ws, kept = _layer(4, 32, 12, torch.bfloat16, (1,))
+    with pytest.raises(TypeError, match="x must be"):
+        ops.int8_prepass(x.to(torch.int32), mask, idx, 6.0)
+    with pytest.raises(ValueError, match="static_mask"):
+        ops.int8_prepass(x, mask[:-1], idx, 6.0)
+    with pytest.raises(ValueError, match="weight must be int8"):
+        ops.int8_linear(x, wq[:, :-1], ws, mask, idx, kept, b, 6.0)
+    with pytest.raises(TypeError, match="weight_scale"):
+        ops.int8_linear(x, wq, ws.double(), mask, idx, kept, b, 6.0)
+    with pytest.raises(TypeError, match="bias"):
+        ops.int8_gemv(x, wq, ws, idx, kept, b.float())
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        ops.int8_gemv(x[None], wq, ws, idx, kept, b)
+
+
+def test_auto_picks_cpu():
+    assert lowbit.backend.resolve("int8_linear", None, torch.device("cpu")) == "cpu"
+    assert lowbit.backend.resolve("int8_prepass", None, torch.device("cpu")) == "cpu"
