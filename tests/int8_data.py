@@ -18,6 +18,8 @@ def _row_quantize(t: torch.Tensor):
 
 
 def bnb_int8_linear(x: torch.Tensor, w: torch.Tensor, bias=None, threshold: float = 6.0) -> torch.Tensor:
+    """-> [M, out] in x's dtype (bitsandbytes computes in fp16 and returns the input's dtype)."""
+    dtype = x.dtype
     x, w = x.half().float(), w.half().float()
     wq, w_absmax = _row_quantize(w)
     cols = (x.abs() >= threshold).any(dim=0) if threshold > 0 else torch.zeros(x.shape[1], dtype=torch.bool)
@@ -27,7 +29,7 @@ def bnb_int8_linear(x: torch.Tensor, w: torch.Tensor, bias=None, threshold: floa
     y = y + x[:, cols] @ w_deq[:, cols].T
     if bias is not None:
         y = y + bias.float()
-    return y
+    return y.half().to(dtype)
 
 
 def per_token_int8_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""int8 (LLM.int8()): accuracy on real weights against bitsandbytes' algorithm, and Int8Linear's
+speed against bf16 F.linear on the same device, measured side by side in this process."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import harness
+from harness import Case, measure, measure_interleaved
+from lowbit.nn import Int8Linear
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from dfloat_data import minilm_state_dict  # noqa: E402
+from int8_data import bnb_int8_linear, outlier_activations, per_token_int8_linear, relative_error  # noqa: E402
+
+
+def _minilm_linears(dtype, quick):
+    sd = minilm_state_dict()
+    names = [k[: -len(".weight")] for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2
+             and k.startswith("encoder.")]
+    for name in names[:2] if quick else names:
+        w = sd[name + ".weight"]
+        linear = nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            linear.bias.copy_(sd[name + ".bias"])
+        yield name, linear.to(dtype).requires_grad_(False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_accuracy_minilm(dtype, quick):
+    """Relative error against the exact product of the same 16-bit inputs, mean over the encoder's
+    linear layers, with activations carrying six outlier feature columns (about 25x the rest)."""
+    errors = {"lowbit": [], "lowbit_calibrated": [], "bitsandbytes_algorithm": [], "per_token_int8": [],
+              "F.linear_16bit": []}
+    for _, linear in _minilm_linears(dtype, quick):
+        x = outlier_activations(256, linear.in_features, seed=2, dtype=dtype)
+        calibration = outlier_activations(256, linear.in_features, seed=1, dtype=dtype)
+        exact = x.float() @ linear.weight.float().T + linear.bias.float()
+        errors["lowbit"].append(relative_error(Int8Linear.from_linear(linear)(x), exact))
+        errors["lowbit_calibrated"].append(
+            relative_error(Int8Linear.from_linear(linear, calibration=calibration)(x), exact))
+        errors["bitsandbytes_algorithm"].append(relative_error(bnb_int8_linear(x, linear.weight, linear.bias), exact))
+        errors["per_token_int8"].append(relative_error(per_token_int8_linear(x, linear.weight, linear.bias), exact))
+        errors["F.linear_16bit"].append(relative_error(linear(x), exact))
+    mean = {k: sum(v) / len(v) for k, v in errors.items()}
+    harness.FACTS.append({"fact": "int8_relative_error", "model": "all-MiniLM-L6-v2 (encoder linears)",
+                          "dtype": str(dtype).split(".")[1], "layers": len(errors["lowbit"]), "rows": 256,
+                          "outlier_columns": 6, **mean})
+    assert mean["lowbit_calibrated"] < mean["bitsandbytes_algorithm"] < mean["per_token_int8"]
+
+
+SHAPES = [(4096, 4096), (14336, 4096)]  # [out, in]: 4096 -> 4096 and 4096 -> 14336
+ROWS = [1, 16, 256, 2048]
+
+
+def _problem(shape, rows, device):
+    out_features, in_features = shape
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.02)
+    linear = linear.to(device=device, dtype=torch.bfloat16).requires_grad_(False)
+    x = outlier_activations(rows, in_features).to(device)
+    return linear, x
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}to{s[0]}")
+def test_int8_linear_vs_bf16(benchmark, device, quick, rows, shape):
+    """Int8Linear (decomposition on: the inputs hold outlier columns) against bf16 F.linear."""
+    if quick:
+        shape, rows = (512, 384), min(rows, 64)
+    linear, x = _problem(shape, rows, device)
+    out_features, in_features = shape
+    module = Int8Linear.from_linear(linear)
+    weight = linear.weight
+    io_bytes = 2 * rows * (in_features + out_features)
+    flops = 2 * rows * in_features * out_features
+    big = rows > module.gemv_max_rows or device.type == "cpu"
+
+    def case(backend, weight_bytes, peak_kind):
+        return Case(op="int8_linear", case=f"int8_linear {in_features}->{out_features} M={rows} bf16",
+                    backend=backend, shapes={"weight": list(shape), "x": [rows, in_features]}, dtype="bf16",
+                    bytes_moved=weight_bytes + io_bytes, flops=flops, peak_kind=peak_kind,
+                    extra={"name": "F.linear bf16"} if backend == "baseline" else {})
+
+    base = case("baseline", 2 * weight.numel(), "bf16_tflops" if big else "gbps")
+    if device.type == "cpu":
+        ours = case("cpu", weight.numel(), "gbps")
+        measure_interleaved(benchmark, [(base, lambda: F.linear(x, weight)), (ours, lambda: module(x))], device,
+                            rounds=5 if quick or rows >= 2048 else 15)
+        return
+    for impl in ("triton", "cuda"):
+        module.backend = impl
+        try:
+            module(x)
+        except Exception as exc:  # noqa: BLE001 - an unavailable backend is reported, not fatal
+            pytest.skip(f"{impl}: {exc}")
+    measure(benchmark, base, lambda: F.linear(x, weight), device)
+    for impl in ("triton", "cuda"):
+        module.backend = impl
+        measure(benchmark, case(impl, weight.numel(), "int8_tops" if big else "gbps"), lambda: module(x), device)
