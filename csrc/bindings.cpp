@@ -166,25 +166,27 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& xq, const at::
   if (M == 0 || N == 0) return y;
   at::Tensor acc = x.size(1) ? at::_int_mm(xq.contiguous(), weight.t()).contiguous()
                              : at::zeros({M, N}, x.options().dtype(at::kInt));
-  // The 16-bit side product over the columns that hold outlier elements (found here; a CPU
-  // kernel can afford to look), with the int8 weight dequantized except for weight_scale.
-  at::Tensor dyn;
+  // The 16-bit side products, as few columns each: the columns that hold outlier elements (found
+  // here; a CPU kernel can afford to look), with the int8 weight, and the static columns.
+  at::Tensor dyn_x, dyn_w;
   if (threshold > 0) {
     const at::Tensor cols = col_flags.nonzero().flatten();
     if (cols.numel()) {
-      at::Tensor xd = x.index_select(1, cols).to(at::kFloat);
-      xd = xd * (xd.abs() >= threshold);
-      dyn = at::matmul(xd, weight.index_select(1, cols).to(at::kFloat).t()).contiguous();
+      dyn_x = x.index_select(1, cols).to(at::kFloat);
+      dyn_x = at::where(dyn_x.abs() >= threshold, dyn_x, 0.0f).contiguous();
+      dyn_w = weight.index_select(1, cols).to(at::kFloat).t().contiguous();
     }
   }
-  const at::Tensor extra = static_product(x_static, static_weight);
+  const at::Tensor stat_x = x_static.to(at::kFloat).contiguous();
+  const at::Tensor stat_w = static_weight.to(at::kFloat).t().contiguous();
   const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const cpu::int8::Side dyn{ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
+  const cpu::int8::Side stat{stat_x.const_data_ptr<float>(), stat_w.const_data_ptr<float>(), stat_x.size(1)};
   dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
     using T = typename decltype(type)::type;
     cpu::int8::epilogue<T>(acc.const_data_ptr<int32_t>(), M, N, row.const_data_ptr<float>(),
-                           weight_scale.const_data_ptr<float>(), ptr_or_null<float>(dyn), ptr_or_null<float>(extra),
-                           ptr_or_null<T>(bias), y.data_ptr<T>());
+                           weight_scale.const_data_ptr<float>(), dyn, stat, ptr_or_null<T>(bias), y.data_ptr<T>());
   });
   return y;
 }

@@ -160,3 +160,12 @@ def test_checks_name_the_argument():
 def test_auto_picks_cpu():
     assert lowbit.backend.resolve("int8_linear", None, torch.device("cpu")) == "cpu"
     assert lowbit.backend.resolve("int8_prepass", None, torch.device("cpu")) == "cpu"
+
+
+def test_threshold_compares_in_fp32():
+    # 6.09375 is 6.1 rounded to bf16: below 6.1 in fp32, so not an outlier.
+    x = torch.tensor([[6.09375, 6.125, 1.0, -6.1]], dtype=torch.bfloat16)
+    none = torch.zeros(4, dtype=torch.uint8), torch.zeros(0, dtype=torch.int32)
+    for backend in ("reference", "cpu"):
+        _, _, flags, _ = ops.int8_prepass(x, *none, 6.1, backend=backend)
+        assert flags.tolist() == [0, 1, 0, 1], backend

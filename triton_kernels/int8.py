@@ -49,12 +49,6 @@ def _dot_options(x: torch.Tensor) -> dict:
     return dict(DOT_FP32=widen, PRECISION="ieee" if widen or x.dtype == torch.float32 else "tf32")
 
 
-def _threshold_in(dtype: torch.dtype, threshold: float) -> float:
-    """The threshold as the reference compares it: ``x.abs() >= threshold`` rounds the Python
-    scalar to x's dtype first (6.1 is 6.09375 against bf16)."""
-    return torch.tensor(threshold, dtype=dtype).item()
-
-
 # ---- pre-pass --------------------------------------------------------------------------------
 
 
@@ -92,7 +86,7 @@ def _int8_prepass_kernel(
     x_static_ptr,  # [M, S] of x's dtype
     K,
     S,
-    threshold,  # fp32, already rounded to x's dtype
+    threshold,  # compared in fp32 with |x| widened to fp32
     stride_xm,
     stride_qm,
     stride_sm,
@@ -161,7 +155,7 @@ def prepass(x, static_mask, static_idx, threshold):
     _int8_prepass_kernel[(m,)](
         _nonempty(x), _nonempty(static_mask), _nonempty(static_idx), _nonempty(xq), row_scale,
         _nonempty(col_flags), _nonempty(x_static),
-        k, s, _threshold_in(x.dtype, threshold), x.stride(0), xq.stride(0), x_static.stride(0),
+        k, s, threshold, x.stride(0), xq.stride(0), x_static.stride(0),
         DYNAMIC=threshold > 0, BLOCK_K=block_k, SINGLE=single, BLOCK_S=64,
         num_warps=num_warps, enable_fp_fusion=False,
     )
@@ -221,7 +215,7 @@ def _int8_matmul_kernel(
     N,
     K,
     S,
-    threshold,  # fp32, already rounded to x's dtype
+    threshold,  # compared in fp32 with |x| widened to fp32
     stride_xm,
     stride_qm,
     stride_sm,
@@ -323,7 +317,7 @@ def matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_w
     _int8_matmul_kernel[grid](
         _nonempty(x), _nonempty(xq), row_scale, _nonempty(col_flags), _nonempty(x_static), _nonempty(weight),
         weight_scale, _nonempty(static_weight), weight_scale if bias is None else bias, y,
-        m, n, k, s, _threshold_in(x.dtype, threshold),
+        m, n, k, s, threshold,
         x.stride(0), xq.stride(0), x_static.stride(0), weight.stride(0), y.stride(0),
         DYNAMIC=threshold > 0, HAS_BIAS=bias is not None, **_dot_options(x), **config,
     )

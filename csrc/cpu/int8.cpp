@@ -68,9 +68,9 @@ void prepass(const T* x, int64_t M, int64_t K, const uint8_t* static_mask, const
 }
 
 template <typename T>
-void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale,
-              const float* dyn, const float* extra, const T* bias, T* y) {
-  LOWBIT_INT8_CALL(epilogue<T>, acc, M, N, row_scale, weight_scale, dyn, extra, bias, y);
+void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
+              Side stat, const T* bias, T* y) {
+  LOWBIT_INT8_CALL(epilogue<T>, acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
 }
 
 template <typename T>
@@ -83,8 +83,8 @@ void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, con
 #define LOWBIT_INT8_INSTANTIATE(T)                                                                               \
   template void prepass<T>(const T*, int64_t, int64_t, const uint8_t*, const int32_t*, int64_t, float, int8_t*, \
                            float*, uint8_t*, T*);                                                                \
-  template void epilogue<T>(const int32_t*, int64_t, int64_t, const float*, const float*, const float*,         \
-                            const float*, const T*, T*);                                                         \
+  template void epilogue<T>(const int32_t*, int64_t, int64_t, const float*, const float*, Side, Side, const T*, \
+                            T*);                                                                                 \
   template void gemv<T>(const T*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*, const T*, \
                         T*);
 LOWBIT_INT8_INSTANTIATE(float)

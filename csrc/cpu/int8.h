@@ -12,11 +12,18 @@ template <typename T>
 void prepass(const T* x, int64_t M, int64_t K, const uint8_t* static_mask, const int32_t* static_idx, int64_t S,
              float threshold, int8_t* xq, float* row_scale, uint8_t* col_flags, T* x_static);
 
-// The GEMM's epilogue: y[m, n] = acc[m, n] * row_scale[m] * weight_scale[n] (+ dyn[m, n] *
-// weight_scale[n]) (+ extra[m, n]) (+ bias[n]), rounded once to T. dyn, extra, bias may be null.
+// A side product sum_j x[m, j] * w_t[j, n] over a few input columns: x [M, cols], w_t [cols, N].
+struct Side {
+  const float* x;
+  const float* w_t;
+  int64_t cols;
+};
+
+// The GEMM's epilogue: y[m, n] = acc[m, n] * row_scale[m] * weight_scale[n]
+// + dyn[m, n] * weight_scale[n] + stat[m, n] + bias[n], rounded once to T. bias may be null.
 template <typename T>
-void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale,
-              const float* dyn, const float* extra, const T* bias, T* y);
+void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
+              Side stat, const T* bias, T* y);
 
 // Weight-only product: y[m, n] = weight_scale[n] * sum_k x[m, k] weight[n, k] (+ extra[m, n])
 // (+ bias[n]), fp32 accumulation. extra and bias may be null.

@@ -11,7 +11,7 @@ A layer y = x W^T + b is stored as (docs/formats.md, "int8"):
 
 At run time, the input x [M, in] is split element by element. With t = threshold (t <= 0 turns
 the dynamic split off), an element x[m, k] of a non-static column is an *outlier* when
-|x[m, k]| >= t. Then
+|x[m, k]| >= t, compared in fp32 (t rounded to fp32, not to x's dtype). Then
 
     x = x_int + x_dyn + x_static     (disjoint supports)
     x_int     the other elements, quantized per row: row_scale[m] = max |x_int[m, :]| / 127,
@@ -89,7 +89,7 @@ def _outliers(x: torch.Tensor, static_mask: torch.Tensor, threshold: float) -> t
     """bool [M, K]: the outlier elements (non-static columns, |x| >= threshold when threshold > 0)."""
     if threshold <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    return (x.abs() >= threshold) & ~static_mask.bool()[None, :]
+    return (x.float().abs() >= threshold) & ~static_mask.bool()[None, :]  # in fp32, as the kernels
 
 
 def prepass(x: torch.Tensor, static_mask: torch.Tensor, static_idx: torch.Tensor, threshold: float):
@@ -114,7 +114,7 @@ def matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_w
     (whose outlier elements it reads). ``static_weight`` [out, S]; ``bias`` [out] or None."""
     # The outlier elements lie in the flagged columns (never static ones: x_static carries those).
     if threshold > 0:
-        outlier = (x.abs() >= threshold) & col_flags.bool()[None, :]
+        outlier = (x.float().abs() >= threshold) & col_flags.bool()[None, :]
     else:
         outlier = torch.zeros_like(x, dtype=torch.bool)
     x_dyn = x.float().masked_fill(~outlier, 0.0)
