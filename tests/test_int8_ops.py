@@ -164,7 +164,7 @@ def test_auto_picks_cpu():
 
 def test_threshold_compares_in_fp32():
     # 6.09375 is 6.1 rounded to bf16: below 6.1 in fp32, so not an outlier.
-    x = torch.tensor([[6.09375, 6.125, 1.0, -6.1]], dtype=torch.bfloat16)
+    x = torch.tensor([[6.09375, 6.125, 1.0, -6.125]], dtype=torch.bfloat16)
     none = torch.zeros(4, dtype=torch.uint8), torch.zeros(0, dtype=torch.int32)
     for backend in ("reference", "cpu"):
         _, _, flags, _ = ops.int8_prepass(x, *none, 6.1, backend=backend)
