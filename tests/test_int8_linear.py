@@ -159,3 +159,19 @@ def test_nan_row_gives_nan_row_only():
     y, y_bad = module(x), module(bad)
     assert y_bad[2].isnan().all() and linear(bad)[2].isnan().all()
     assert torch.equal(y_bad[[0, 1, 3]], y[[0, 1, 3]])
+
+
+def test_quantize_with_calibration_finds_each_layers_outlier_features():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)).to(torch.bfloat16)
+    with torch.no_grad():
+        model[0].weight[7] = 0.0
+        model[0].weight[7, 5] = 20.0  # hidden feature 7 follows input feature 5, scaled up
+    batches = [torch.randn(16, 32, dtype=torch.bfloat16) for _ in range(3)]
+    for b in batches:
+        b[:, 5] = 10.0  # input feature 5 is an outlier feature
+    lowbit.quantize(model, "int8", calibration=batches, progress=False)
+    assert model[0].static_idx.tolist() == [5]
+    assert model[2].static_idx.tolist() == [7]
+    with pytest.raises(ValueError, match="calibration applies"):
+        lowbit.quantize(nn.Sequential(nn.Linear(4, 4)), "dfloat", calibration=batches, progress=False)
