@@ -1,0 +1,72 @@
+// Argument checks of the int8 family's native ops, shared by the torch glue of every device. They
+// mirror the Python checks in lowbit/ops.py (the same exception types: TypeError for a dtype,
+// ValueError for a shape), which run first on the public ops; these keep the private
+// torch.ops.lowbit._int8_*_native ops safe when they are called directly.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+namespace lowbit::int8_checks {
+
+// The int32 accumulator of the GEMM holds any sum of in_features products of two int8 in [-127, 127].
+constexpr int64_t kMaxInFeatures = int64_t(2147483647) / (127 * 127);
+
+inline void check_x(const at::Tensor& x) {
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+                   "x must be bfloat16, float16 or float32, got ", dtype);
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [rows, in_features], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) <= kMaxInFeatures, "in_features must be at most ", kMaxInFeatures,
+                    " (int32 accumulation), got ", x.size(1));
+}
+
+inline void check_tensor(const char* name, const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape) {
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), ", x on ", x.device());
+}
+
+inline void check_static_idx(const at::Tensor& static_idx) {
+  TORCH_CHECK_TYPE(static_idx.scalar_type() == at::kInt && static_idx.dim() == 1,
+                   "static_idx must be a 1-D int32 tensor, got ", static_idx.scalar_type(), " of shape ",
+                   static_idx.sizes());
+}
+
+// int8_prepass(x, static_mask, static_idx, threshold).
+inline void check_prepass(const at::Tensor& x, const at::Tensor& static_mask, const at::Tensor& static_idx) {
+  check_x(x);
+  check_tensor("static_mask", static_mask, at::kByte, {x.size(1)});
+  check_static_idx(static_idx);
+  check_device("static_mask", static_mask, x);
+  check_device("static_idx", static_idx, x);
+}
+
+// int8_gemv(x, weight, weight_scale, static_idx, static_weight, bias).
+inline void check_gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                       const at::Tensor& static_idx, const at::Tensor& static_weight,
+                       const std::optional<at::Tensor>& bias) {
+  check_x(x);
+  check_static_idx(static_idx);
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.size(1) == x.size(1),
+                    "weight must be int8 [out_features, ", x.size(1), "], got ", weight.scalar_type(),
+                    " of shape ", weight.sizes());
+  const int64_t out_features = weight.size(0);
+  check_tensor("weight_scale", weight_scale, at::kFloat, {out_features});
+  check_tensor("static_weight", static_weight, x.scalar_type(), {out_features, static_idx.size(0)});
+  check_device("weight", weight, x);
+  check_device("weight_scale", weight_scale, x);
+  check_device("static_idx", static_idx, x);
+  check_device("static_weight", static_weight, x);
+  if (bias.has_value() && bias->defined()) {
+    check_tensor("bias", *bias, x.scalar_type(), {out_features});
+    check_device("bias", *bias, x);
+  }
+}
+
+}  // namespace lowbit::int8_checks
