@@ -155,17 +155,20 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// The int8 GEMM runs in torch._int_mm (oneDNN's int8 kernels); the rest is one fused pass.
-at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
-                           const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
-                           const at::Tensor& weight_scale_in, const at::Tensor& static_weight,
-                           const std::optional<at::Tensor>& bias_in, double threshold) {
-  check_int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale_in, static_weight, bias_in);
+// Everything of the int8 GEMM after xq @ weight^T, which the caller ran (lowbit/int8/cpu_gemm.py:
+// oneDNN with the weight packed once) and passes as acc [M, N], int32 or its exact fp32 image.
+at::Tensor int8_epilogue_cpu(const at::Tensor& x, const at::Tensor& acc_in, const at::Tensor& row_scale,
+                             const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
+                             const at::Tensor& weight_scale_in, const at::Tensor& static_weight,
+                             const std::optional<at::Tensor>& bias_in, double threshold) {
+  check_int8_epilogue(x, row_scale, col_flags, x_static, weight, weight_scale_in, static_weight, bias_in);
   const int64_t M = x.size(0), N = weight.size(0);
+  TORCH_CHECK((acc_in.scalar_type() == at::kInt || acc_in.scalar_type() == at::kFloat) && acc_in.dim() == 2 &&
+                  acc_in.size(0) == M && acc_in.size(1) == N,
+              "acc must be int32 or float32 [", M, ", ", N, "]");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  at::Tensor acc = x.size(1) ? at::_int_mm(xq.contiguous(), weight.t()).contiguous()
-                             : at::zeros({M, N}, x.options().dtype(at::kInt));
+  const at::Tensor acc = acc_in.contiguous();
   // The 16-bit side products, as few columns each: the columns that hold outlier elements (found
   // here; a CPU kernel can afford to look), with the int8 weight, and the static columns.
   at::Tensor dyn_x, dyn_w;
@@ -185,8 +188,15 @@ at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& xq, const at::
   const cpu::int8::Side stat{stat_x.const_data_ptr<float>(), stat_w.const_data_ptr<float>(), stat_x.size(1)};
   dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
     using T = typename decltype(type)::type;
-    cpu::int8::epilogue<T>(acc.const_data_ptr<int32_t>(), M, N, row.const_data_ptr<float>(),
-                           weight_scale.const_data_ptr<float>(), dyn, stat, ptr_or_null<T>(bias), y.data_ptr<T>());
+    if (acc.scalar_type() == at::kInt) {
+      cpu::int8::epilogue<int32_t, T>(acc.const_data_ptr<int32_t>(), M, N, row.const_data_ptr<float>(),
+                                      weight_scale.const_data_ptr<float>(), dyn, stat, ptr_or_null<T>(bias),
+                                      y.data_ptr<T>());
+    } else {
+      cpu::int8::epilogue<float, T>(acc.const_data_ptr<float>(), M, N, row.const_data_ptr<float>(),
+                                    weight_scale.const_data_ptr<float>(), dyn, stat, ptr_or_null<T>(bias),
+                                    y.data_ptr<T>());
+    }
   });
   return y;
 }
@@ -218,7 +228,7 @@ TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("_dfloat_encode_native", &dfloat_encode_cpu);
   m.impl("_dfloat_decode_native", &dfloat_decode_cpu);
   m.impl("_int8_prepass_native", &int8_prepass_cpu);
-  m.impl("_int8_matmul_native", &int8_matmul_cpu);
+  m.impl("_int8_epilogue_native", &int8_epilogue_cpu);
   m.impl("_int8_gemv_native", &int8_gemv_cpu);
 }
 

@@ -115,13 +115,12 @@ inline void check_int8_prepass(const at::Tensor& x, const at::Tensor& static_mas
   check_int8_static_idx(static_idx, x);
 }
 
-inline void check_int8_matmul(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
-                              const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
-                              const at::Tensor& weight_scale, const at::Tensor& static_weight,
-                              const std::optional<at::Tensor>& bias) {
+// The int8 GEMM's inputs other than xq.
+inline void check_int8_epilogue(const at::Tensor& x, const at::Tensor& row_scale, const at::Tensor& col_flags,
+                                const at::Tensor& x_static, const at::Tensor& weight, const at::Tensor& weight_scale,
+                                const at::Tensor& static_weight, const std::optional<at::Tensor>& bias) {
   check_int8_x(x);
   const int64_t m = x.size(0), k = x.size(1);
-  check_tensor(xq, "xq", at::kChar, {m, k}, x);
   check_tensor(row_scale, "row_scale", at::kFloat, {m}, x);
   check_tensor(col_flags, "col_flags", at::kByte, {k}, x);
   TORCH_CHECK(x_static.dim() == 2 && x_static.size(0) == m, "x_static must be [", m, ", S]");

@@ -169,3 +169,17 @@ def test_threshold_compares_in_fp32():
     for backend in ("reference", "cpu"):
         _, _, flags, _ = ops.int8_prepass(x, *none, 6.1, backend=backend)
         assert flags.tolist() == [0, 1, 0, 1], backend
+
+
+def test_cpu_gemm_paths_agree_and_repack_a_modified_weight(monkeypatch):
+    from lowbit.int8 import cpu_gemm
+
+    g = torch.Generator().manual_seed(3)
+    xq = torch.randint(-127, 128, (9, 80), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (11, 80), generator=g, dtype=torch.int8)
+    want = xq.double() @ w.double().T
+    assert torch.equal(cpu_gemm.int8_gemm(xq, w).double(), want)
+    w[2, 5] = -w[2, 5] - 1  # in place: the packed copy must not be reused
+    assert torch.equal(cpu_gemm.int8_gemm(xq, w).double(), xq.double() @ w.double().T)
+    monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: False)
+    assert torch.equal(cpu_gemm.int8_gemm(xq, w).double(), xq.double() @ w.double().T)

@@ -67,10 +67,13 @@ void prepass(const T* x, int64_t M, int64_t K, const uint8_t* static_mask, const
   LOWBIT_INT8_CALL(prepass<T>, x, M, K, static_mask, static_idx, S, threshold, xq, row_scale, col_flags, x_static);
 }
 
-template <typename T>
-void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
+template <typename Acc, typename T>
+void epilogue(const Acc* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
               Side stat, const T* bias, T* y) {
-  LOWBIT_INT8_CALL(epilogue<T>, acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
+#ifdef LOWBIT_HAVE_AVX512_BUILD
+  if (use_avx512()) return avx512::epilogue<Acc, T>(acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
+#endif
+  generic::epilogue<Acc, T>(acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
 }
 
 template <typename T>
@@ -83,8 +86,10 @@ void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, con
 #define LOWBIT_INT8_INSTANTIATE(T)                                                                               \
   template void prepass<T>(const T*, int64_t, int64_t, const uint8_t*, const int32_t*, int64_t, float, int8_t*, \
                            float*, uint8_t*, T*);                                                                \
-  template void epilogue<T>(const int32_t*, int64_t, int64_t, const float*, const float*, Side, Side, const T*, \
-                            T*);                                                                                 \
+  template void epilogue<int32_t, T>(const int32_t*, int64_t, int64_t, const float*, const float*, Side, Side,  \
+                                     const T*, T*);                                                              \
+  template void epilogue<float, T>(const float*, int64_t, int64_t, const float*, const float*, Side, Side,       \
+                                   const T*, T*);                                                                \
   template void gemv<T>(const T*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*, const T*, \
                         T*);
 LOWBIT_INT8_INSTANTIATE(float)

@@ -21,8 +21,9 @@ struct Side {
 
 // The GEMM's epilogue: y[m, n] = acc[m, n] * row_scale[m] * weight_scale[n]
 // + dyn[m, n] * weight_scale[n] + stat[m, n] + bias[n], rounded once to T. bias may be null.
-template <typename T>
-void epilogue(const int32_t* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
+// Acc is int32_t or float (the accumulator's exact fp32 image).
+template <typename Acc, typename T>
+void epilogue(const Acc* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
               Side stat, const T* bias, T* y);
 
 // Weight-only product: y[m, n] = weight_scale[n] * sum_k x[m, k] weight[n, k] (+ extra[m, n])

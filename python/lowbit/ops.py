@@ -462,6 +462,14 @@ def _int8_linear_via(prepass_backend: str, matmul_backend: str):
     return run
 
 
+def _int8_matmul_cpu(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold):
+    """oneDNN's int8 GEMM (weight packed once), then the C++ epilogue."""
+    from lowbit.int8.cpu_gemm import int8_gemm
+
+    return torch.ops.lowbit._int8_epilogue_native(x, int8_gemm(xq, weight), row_scale, col_flags, x_static, weight,
+                                                  weight_scale, static_weight, bias, threshold)
+
+
 _INT8_WEIGHT = "Tensor weight, Tensor weight_scale"
 _define(
     "int8_prepass",
@@ -484,8 +492,9 @@ _define(
     {
         "reference": _ref_int8.matmul,
         "triton": lambda *args: _triton("int8").matmul(*args),
+        "cpu": _int8_matmul_cpu,
     },
-    native=("cpu",),
+    native=(),
 )
 _define(
     "int8_gemv",
@@ -544,6 +553,14 @@ def int8_linear(x, weight, weight_scale, static_mask, static_idx, static_weight,
     return torch.ops.lowbit.int8_linear(x, weight, weight_scale, static_mask, static_idx, static_weight, bias,
                                         float(threshold), _backend.requested(backend))
 
+
+_define_native(
+    "int8_epilogue",
+    "Tensor x, Tensor acc, Tensor row_scale, Tensor col_flags, Tensor x_static, Tensor weight, Tensor weight_scale, "
+    "Tensor static_weight, Tensor? bias, float threshold",
+    "Tensor",
+    lambda x, acc, *rest: x.new_empty((x.shape[0], acc.shape[1])),
+)
 
 # The schemas exist now, so the extension's kernels can attach to them.
 _native.status()
