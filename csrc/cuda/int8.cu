@@ -27,8 +27,6 @@
 #include "int8.h"
 
 #include <cuda_fp16.h>
-#include <string.h>
-
 #include <type_traits>
 
 #include "../common/int8.h"
@@ -143,9 +141,9 @@ constexpr int kPrepassRegs = 8;       // vectors of x per thread and pass
 constexpr int kPrepassMaxGroup = 512;  // threads per row at most
 constexpr int kPrepassThreads = 128;   // CTA size when a row needs fewer threads
 
-// The outlier test, with the threshold already rounded to x's dtype. torch compares a 16-bit tensor
-// with a Python float in the tensor's dtype, so a positive threshold that rounds to 0 makes every
-// element that is not NaN an outlier (|x| >= 0); common::is_outlier alone would make none.
+// The outlier test, in fp32 with the threshold rounded to fp32 (the reference compares
+// x.float().abs() >= threshold): a positive threshold that rounds to 0 makes every element that is
+// not NaN an outlier (|x| >= 0); common::is_outlier alone would make none.
 struct Split {
   float threshold;
   bool every;
@@ -463,17 +461,9 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32)
 
 bool aligned(const void* p, uintptr_t to) { return (reinterpret_cast<uintptr_t>(p) & (to - 1)) == 0; }
 
-// The threshold as torch compares it with x: double -> float -> x's dtype, round to nearest even.
-Split make_split(DType dtype, double threshold) {
-  float t = static_cast<float>(threshold);
-  if (dtype == DType::kBFloat16) {
-    uint32_t u;
-    memcpy(&u, &t, 4);
-    if ((u & 0x7FFFFFFFu) <= 0x7F800000u) u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    memcpy(&t, &u, 4);
-  } else if (dtype == DType::kFloat16) {
-    t = __half2float(__float2half_rn(t));
-  }
+// The threshold as the reference compares it with x.float(): rounded to fp32.
+Split make_split(double threshold) {
+  const float t = static_cast<float>(threshold);
   return {t, threshold > 0.0 && t == 0.0f};
 }
 
@@ -567,7 +557,7 @@ cudaError_t prepass(DType dtype, const void* x, const uint8_t* static_mask, cons
                     void* x_static, cudaStream_t stream) {
   if (rows < 0 || cols < 0 || statics < 0) return cudaErrorInvalidValue;
   if (rows == 0) return cudaSuccess;
-  const Split split = make_split(dtype, threshold);
+  const Split split = make_split(threshold);
   switch (dtype) {
     case DType::kBFloat16:
       return prepass_typed<DType::kBFloat16>(x, static_mask, static_idx, rows, cols, statics, split, xq, row_scale,

@@ -19,8 +19,8 @@ constexpr int64_t kGemvMaxRows = 16;
 //   an outlier element; zeroed by the caller, only ever set here), x_static [rows, statics] (dtype):
 //   x_static[m, j] = x[m, static_idx[j]], NaN where static_idx[j] is not in [0, cols).
 // static_mask [cols] uint8 (non-zero at the static columns) and static_idx [statics] int32 name the
-// static columns. As torch does when it compares a 16-bit tensor with a Python float, the threshold
-// is rounded to dtype; threshold <= 0 (or NaN) turns the dynamic split off. Device pointers to
+// static columns. |x| is compared with the threshold in fp32 (the threshold rounded to fp32);
+// threshold <= 0 (or NaN) turns the dynamic split off. Device pointers to
 // contiguous buffers (16-byte loads and stores when cols and the alignment of x, static_mask and xq
 // allow). No host synchronization: the launch can be captured in a CUDA graph.
 cudaError_t prepass(DType dtype, const void* x, const uint8_t* static_mask, const int32_t* static_idx, int64_t rows,
