@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "bindings.h"
+#include "bindings_int8.h"
 #include "cpu/bitpack.h"
 #include "cpu/dfloat.h"
 #include "cpu/int8.h"
@@ -126,7 +127,7 @@ auto dispatch_int8_dtype(at::ScalarType dtype, Fn&& fn) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_prepass_cpu(
     const at::Tensor& x_in, const at::Tensor& static_mask_in, const at::Tensor& static_idx_in, double threshold) {
-  check_int8_prepass(x_in, static_mask_in, static_idx_in);
+  int8_checks::check_prepass(x_in, static_mask_in, static_idx_in);
   const at::Tensor x = x_in.contiguous(), static_mask = static_mask_in.contiguous();
   const at::Tensor static_idx = static_idx_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), S = static_idx.numel();
@@ -161,22 +162,21 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& x, const at::Tensor& acc_in, cons
                              const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
                              const at::Tensor& weight_scale_in, const at::Tensor& static_weight,
                              const std::optional<at::Tensor>& bias_in, double threshold) {
-  check_int8_epilogue(x, row_scale, col_flags, x_static, weight, weight_scale_in, static_weight, bias_in);
+  int8_checks::check_epilogue(x, acc_in, row_scale, col_flags, x_static, weight, weight_scale_in, static_weight,
+                              bias_in);
   const int64_t M = x.size(0), N = weight.size(0);
-  TORCH_CHECK((acc_in.scalar_type() == at::kInt || acc_in.scalar_type() == at::kFloat) && acc_in.dim() == 2 &&
-                  acc_in.size(0) == M && acc_in.size(1) == N,
-              "acc must be int32 or float32 [", M, ", ", N, "]");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   const at::Tensor acc = acc_in.contiguous();
   // The 16-bit side products, as few columns each: the columns that hold outlier elements (found
   // here; a CPU kernel can afford to look), with the int8 weight, and the static columns.
   at::Tensor dyn_x, dyn_w;
-  if (threshold > 0) {
+  const float t = static_cast<float>(threshold);  // compared in fp32, as the pre-pass did
+  if (t > 0) {
     const at::Tensor cols = col_flags.nonzero().flatten();
     if (cols.numel()) {
       dyn_x = x.index_select(1, cols).to(at::kFloat);
-      dyn_x = at::where(dyn_x.abs() >= threshold, dyn_x, 0.0f).contiguous();
+      dyn_x = at::where(dyn_x.abs() >= t, dyn_x, 0.0f).contiguous();
       dyn_w = weight.index_select(1, cols).to(at::kFloat).t().contiguous();
     }
   }
@@ -204,7 +204,7 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& x, const at::Tensor& acc_in, cons
 at::Tensor int8_gemv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& weight_scale_in,
                          const at::Tensor& static_idx, const at::Tensor& static_weight,
                          const std::optional<at::Tensor>& bias_in) {
-  check_int8_gemv(x_in, weight_in, weight_scale_in, static_idx, static_weight, bias_in);
+  int8_checks::check_gemv(x_in, weight_in, weight_scale_in, static_idx, static_weight, bias_in);
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), weight_scale = weight_scale_in.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({M, N}, x.options());

@@ -32,19 +32,44 @@ inline void check_device(const char* name, const at::Tensor& t, const at::Tensor
   TORCH_CHECK_VALUE(t.device() == x.device(), name, " is on ", t.device(), ", x on ", x.device());
 }
 
-inline void check_static_idx(const at::Tensor& static_idx) {
+// On the CPU the columns are range-checked too (the CPU kernels index x with them; on a GPU the
+// check would cost a host synchronization, and the CUDA kernels write NaN for a column out of range).
+inline void check_static_idx(const at::Tensor& static_idx, const at::Tensor& x) {
   TORCH_CHECK_TYPE(static_idx.scalar_type() == at::kInt && static_idx.dim() == 1,
                    "static_idx must be a 1-D int32 tensor, got ", static_idx.scalar_type(), " of shape ",
                    static_idx.sizes());
+  if (static_idx.numel() && static_idx.is_cpu()) {
+    const auto [low, high] = at::aminmax(static_idx);
+    TORCH_CHECK_VALUE(low.item<int32_t>() >= 0 && high.item<int32_t>() < x.size(1),
+                      "static_idx must hold columns in [0, ", x.size(1), ")");
+  }
 }
 
 // int8_prepass(x, static_mask, static_idx, threshold).
 inline void check_prepass(const at::Tensor& x, const at::Tensor& static_mask, const at::Tensor& static_idx) {
   check_x(x);
   check_tensor("static_mask", static_mask, at::kByte, {x.size(1)});
-  check_static_idx(static_idx);
+  check_static_idx(static_idx, x);
   check_device("static_mask", static_mask, x);
   check_device("static_idx", static_idx, x);
+}
+
+// The layer's tensors, for an x of in_features columns and static_count static columns.
+inline void check_weight(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                         const at::Tensor& static_weight, int64_t static_count, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.size(1) == x.size(1),
+                    "weight must be int8 [out_features, ", x.size(1), "], got ", weight.scalar_type(),
+                    " of shape ", weight.sizes());
+  const int64_t out_features = weight.size(0);
+  check_tensor("weight_scale", weight_scale, at::kFloat, {out_features});
+  check_tensor("static_weight", static_weight, x.scalar_type(), {out_features, static_count});
+  check_device("weight", weight, x);
+  check_device("weight_scale", weight_scale, x);
+  check_device("static_weight", static_weight, x);
+  if (bias.has_value() && bias->defined()) {
+    check_tensor("bias", *bias, x.scalar_type(), {out_features});
+    check_device("bias", *bias, x);
+  }
 }
 
 // int8_gemv(x, weight, weight_scale, static_idx, static_weight, bias).
@@ -52,21 +77,29 @@ inline void check_gemv(const at::Tensor& x, const at::Tensor& weight, const at::
                        const at::Tensor& static_idx, const at::Tensor& static_weight,
                        const std::optional<at::Tensor>& bias) {
   check_x(x);
-  check_static_idx(static_idx);
-  TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.size(1) == x.size(1),
-                    "weight must be int8 [out_features, ", x.size(1), "], got ", weight.scalar_type(),
-                    " of shape ", weight.sizes());
-  const int64_t out_features = weight.size(0);
-  check_tensor("weight_scale", weight_scale, at::kFloat, {out_features});
-  check_tensor("static_weight", static_weight, x.scalar_type(), {out_features, static_idx.size(0)});
-  check_device("weight", weight, x);
-  check_device("weight_scale", weight_scale, x);
+  check_static_idx(static_idx, x);
   check_device("static_idx", static_idx, x);
-  check_device("static_weight", static_weight, x);
-  if (bias.has_value() && bias->defined()) {
-    check_tensor("bias", *bias, x.scalar_type(), {out_features});
-    check_device("bias", *bias, x);
-  }
+  check_weight(x, weight, weight_scale, static_weight, static_idx.size(0), bias);
+}
+
+// The CPU GEMM's epilogue: int8_matmul's arguments, with the accumulator acc [M, N] (int32, or
+// its exact fp32 image) in place of xq.
+inline void check_epilogue(const at::Tensor& x, const at::Tensor& acc, const at::Tensor& row_scale,
+                           const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
+                           const at::Tensor& weight_scale, const at::Tensor& static_weight,
+                           const std::optional<at::Tensor>& bias) {
+  check_x(x);
+  const int64_t rows = x.size(0);
+  TORCH_CHECK_VALUE(x_static.dim() == 2 && x_static.size(0) == rows, "x_static must be [", rows, ", S], got shape ",
+                    x_static.sizes());
+  check_tensor("x_static", x_static, x.scalar_type(), {rows, x_static.size(1)});
+  check_weight(x, weight, weight_scale, static_weight, x_static.size(1), bias);
+  TORCH_CHECK_TYPE(acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat,
+                   "acc must be int32 or float32, got ", acc.scalar_type());
+  check_tensor("acc", acc, acc.scalar_type(), {rows, weight.size(0)});
+  check_tensor("row_scale", row_scale, at::kFloat, {rows});
+  check_tensor("col_flags", col_flags, at::kByte, {x.size(1)});
+  for (const auto* t : {&acc, &row_scale, &col_flags, &x_static}) check_device("the GEMM's inputs", *t, x);
 }
 
 }  // namespace lowbit::int8_checks

@@ -115,8 +115,8 @@ def test_prepass_nan_inf_rows(dtype, threshold):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 def test_prepass_threshold_in_fp32(dtype):
     # |x| is compared with the threshold in fp32, not in x's dtype: 6.01 is not 6.0 (as it is in
-    # bf16), 5.99 rounds to 6.0 in bf16 and is then an outlier at 6.0; 1e-50 is 0 in fp32, so
-    # every element that is not NaN is an outlier, while 1e-40 (an fp32 subnormal) leaves zeros out.
+    # bf16), 5.99 rounds to 6.0 in bf16 and is then an outlier at 6.0; 1e-50 is 0 in fp32, which
+    # turns the split off, while 1e-40 (an fp32 subnormal) leaves only zeros out.
     row = [6.0, 6.015625, 0.0, -0.0, 1e-30, 5.99, float("nan"), 1.0, -7.0, 2.0]
     x = torch.tensor([row, row[::-1], [0.5] * 10], dtype=dtype, device="cuda")
     mask, idx = _statics(10, 0)

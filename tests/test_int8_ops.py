@@ -183,3 +183,27 @@ def test_cpu_gemm_paths_agree_and_repack_a_modified_weight(monkeypatch):
     assert torch.equal(cpu_gemm.int8_gemm(xq, w).double(), xq.double() @ w.double().T)
     monkeypatch.setattr(cpu_gemm, "onednn_available", lambda: False)
     assert torch.equal(cpu_gemm.int8_gemm(xq, w).double(), xq.double() @ w.double().T)
+
+
+@pytest.mark.parametrize("threshold", [6.01, 1e-40, 1e-50, -1.0, float("nan"), float("inf")])
+def test_unusual_thresholds_match_reference(threshold):
+    row = [6.0, 6.015625, 0.0, -0.0, 1e-30, 5.99, 1.0, -7.0, 2.0, float("inf")]
+    x = torch.tensor([row, row[::-1], [0.5] * 10], dtype=torch.float32)
+    none = torch.zeros(10, dtype=torch.uint8), torch.zeros(0, dtype=torch.int32)
+    got = ops.int8_prepass(x, *none, threshold, backend="cpu")
+    for name, a, b in zip(("xq", "row_scale", "col_flags", "x_static"), got, ref.prepass(x, *none, threshold)):
+        assert _equal(a, b), name
+
+
+def test_native_ops_refuse_bad_arguments():
+    x, _, b, idx, mask, wq, ws, kept = _layer(4, 32, 12, torch.bfloat16, (1,))
+    with pytest.raises(ValueError, match="static_idx must hold columns"):
+        torch.ops.lowbit._int8_prepass_native(x, mask, torch.tensor([32], dtype=torch.int32), 6.0)
+    with pytest.raises(ValueError, match="static_idx must hold columns"):
+        torch.ops.lowbit._int8_gemv_native(x, wq, ws, torch.tensor([-1], dtype=torch.int32), kept, b)
+    pre = ops.int8_prepass(x, mask, idx, 6.0)
+    acc = torch.zeros(4, 12, dtype=torch.int32)
+    with pytest.raises(ValueError, match="acc must have shape"):
+        torch.ops.lowbit._int8_epilogue_native(x, acc[:3], pre[1], pre[2], pre[3], wq, ws, kept, b, 6.0)
+    with pytest.raises(TypeError, match="acc must be int32 or float32"):
+        torch.ops.lowbit._int8_epilogue_native(x, acc.double(), pre[1], pre[2], pre[3], wq, ws, kept, b, 6.0)

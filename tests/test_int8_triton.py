@@ -189,9 +189,10 @@ def test_prepass_special_rows(device, dtype):
     x[5, 0], x[5, 69] = float("nan"), float("inf")
     x[6, 1:9] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 126.5, -1.5]).to(dtype)
     x[7, 1] = -0.0
-    x[8, 20] = 6.1  # bf16: 6.09375, an outlier at threshold 6.1 (compared in bf16) but not at 6.1 in fp32
+    x[8, 20] = 6.1  # bf16: 6.09375, below 6.1 compared in fp32 (as the spec does), not in bf16
     static_idx = torch.tensor([0, 69], dtype=torch.int32)
-    for threshold in (0.0, -1.0, 6.0, 6.1):  # 6.1 is rounded to x's dtype, as the reference compares
+    # 6.1 is compared in fp32; 1e-50 rounds to 0 in fp32, which turns the split off
+    for threshold in (0.0, -1.0, 6.0, 6.1, 1e-50, float("nan")):
         want = _check_prepass(x, static_idx, threshold, device)
         assert bool(want[1][0].isnan()) and bool(want[1][5].isfinite())  # static NaN, Inf: no effect
         if threshold <= 0:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lowbit.reference.int8 import fp32_threshold
+
 _PREPASS_MAX_BLOCK = 16384  # widest row a pre-pass program keeps in registers
 _PREPASS_LOOP_BLOCK = 4096  # chunk of a wider row, walked twice
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (p + M) - M = rint(p) in fp32, |p| < 2^22
@@ -141,6 +143,7 @@ def _int8_prepass_kernel(
 def prepass(x, static_mask, static_idx, threshold):
     """x [M, K] -> (xq int8 [M, K], row_scale fp32 [M], col_flags uint8 [K], x_static [M, S]),
     bit-exact against ``lowbit.reference.int8.prepass``. Inputs contiguous, checked by lowbit.ops."""
+    threshold = fp32_threshold(threshold)
     m, k = x.shape
     s = static_idx.shape[0]
     xq = torch.empty((m, k), dtype=torch.int8, device=x.device)
@@ -306,6 +309,7 @@ def _matmul_config(m: int) -> dict:
 def matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold):
     """The int8 GEMM with its fused epilogue -> y [M, N] of x.dtype (see
     ``lowbit.reference.int8.matmul``). Inputs contiguous, checked by lowbit.ops."""
+    threshold = fp32_threshold(threshold)
     m, k = x.shape
     n = weight.shape[0]
     s = x_static.shape[1]

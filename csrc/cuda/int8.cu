@@ -141,16 +141,12 @@ constexpr int kPrepassRegs = 8;       // vectors of x per thread and pass
 constexpr int kPrepassMaxGroup = 512;  // threads per row at most
 constexpr int kPrepassThreads = 128;   // CTA size when a row needs fewer threads
 
-// The outlier test, in fp32 with the threshold rounded to fp32 (the reference compares
-// x.float().abs() >= threshold): a positive threshold that rounds to 0 makes every element that is
-// not NaN an outlier (|x| >= 0); common::is_outlier alone would make none.
+// The outlier test, in fp32 with the threshold rounded to fp32, as the reference does (a threshold
+// that rounds to 0 or less turns the split off).
 struct Split {
   float threshold;
-  bool every;
 
-  __device__ __forceinline__ bool outlier(float v) const {
-    return common::is_outlier(v, threshold) || (every && v == v);
-  }
+  __device__ __forceinline__ bool outlier(float v) const { return common::is_outlier(v, threshold); }
 };
 
 // V elements per vector: x vectors of V * sizeof(Bits) bytes, mask and xq vectors of V bytes.
@@ -462,10 +458,7 @@ __global__ void __launch_bounds__(kGemvMaxWarps * 32)
 bool aligned(const void* p, uintptr_t to) { return (reinterpret_cast<uintptr_t>(p) & (to - 1)) == 0; }
 
 // The threshold as the reference compares it with x.float(): rounded to fp32.
-Split make_split(double threshold) {
-  const float t = static_cast<float>(threshold);
-  return {t, threshold > 0.0 && t == 0.0f};
-}
+Split make_split(double threshold) { return {static_cast<float>(threshold)}; }
 
 template <DType K, int V>
 cudaError_t prepass_launch(const void* x, const uint8_t* static_mask, const int32_t* static_idx, int64_t rows,

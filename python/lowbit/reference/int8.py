@@ -11,7 +11,7 @@ A layer y = x W^T + b is stored as (docs/formats.md, "int8"):
 
 At run time, the input x [M, in] is split element by element. With t = threshold (t <= 0 turns
 the dynamic split off), an element x[m, k] of a non-static column is an *outlier* when
-|x[m, k]| >= t, compared in fp32 (t rounded to fp32, not to x's dtype). Then
+|x[m, k]| >= t, compared in fp32 (t rounded to fp32, not to x's dtype; a t that rounds to 0 is off). Then
 
     x = x_int + x_dyn + x_static     (disjoint supports)
     x_int     the other elements, quantized per row: row_scale[m] = max |x_int[m, :]| / 127,
@@ -85,8 +85,15 @@ def _index(static_idx: torch.Tensor | None, device) -> torch.Tensor:
     return static_idx.to(device=device, dtype=torch.long)
 
 
+def fp32_threshold(threshold: float) -> float:
+    """The threshold as every backend uses it: rounded to fp32 (NaN turns the split off too)."""
+    t = torch.tensor(threshold, dtype=torch.float32).item()
+    return t if t > 0 else 0.0
+
+
 def _outliers(x: torch.Tensor, static_mask: torch.Tensor, threshold: float) -> torch.Tensor:
     """bool [M, K]: the outlier elements (non-static columns, |x| >= threshold when threshold > 0)."""
+    threshold = fp32_threshold(threshold)
     if threshold <= 0:
         return torch.zeros_like(x, dtype=torch.bool)
     return (x.float().abs() >= threshold) & ~static_mask.bool()[None, :]  # in fp32, as the kernels
@@ -113,6 +120,7 @@ def matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_w
     """The int8 GEMM with its epilogue: y [M, out] of x.dtype from the pre-pass outputs and x itself
     (whose outlier elements it reads). ``static_weight`` [out, S]; ``bias`` [out] or None."""
     # The outlier elements lie in the flagged columns (never static ones: x_static carries those).
+    threshold = fp32_threshold(threshold)
     if threshold > 0:
         outlier = (x.float().abs() >= threshold) & col_flags.bool()[None, :]
     else:
