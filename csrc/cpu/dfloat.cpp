@@ -8,7 +8,7 @@
 // Decoder: each thread owns whole format blocks, four at a time, interleaved; a block starts at its
 // first window's gap and holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes are
 // read at once, which the stream's 8 bytes of padding make safe for any position before
-// total_bits, and a multi-code table decodes up to three codes per lookup.
+// total_bits, and a multi-code table decodes up to four codes per lookup.
 #include "dfloat.h"
 
 #include <omp.h>
@@ -189,66 +189,122 @@ const char* encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint3
 
 namespace {
 
-// One format block being decoded: the next code's stream bit `pos` and element `i`.
-struct Lane {
-  int64_t pos, i, end;    // decode elements [i, end)
-  int64_t block_end;      // codes of this block start before this bit
-  int64_t next_start;     // where the next block's first code starts: this block must end there
-  int64_t start;          // the block's first element
-  uint8_t* symbols;       // the block's symbols, [end - start + 4] bytes (a step writes 4 at once)
+// The stream being decoded, and the derived multi-code table.
+struct Input {
+  const uint8_t* codes;
+  const uint8_t* raw;
+  const uint8_t* gaps;
+  const int64_t* block_starts;
+  const int16_t* table;
+  const struct MultiEntry* multi;
+  int64_t total_bits, window_bits, windows_per_block, block_bits, blocks;
 };
 
-// Multi-code table: for each 12-bit peek, the first one to three codes it holds completely.
-// Entry: symbol0 | symbol1 << 8 | symbol2 << 16 | count << 24 | bits << 26, and bit 31 set (with
-// count 1 and bits 12, so decoding moves on) where the peek starts no code.
-constexpr uint32_t kBadEntry = (1u << 31) | (1u << 24) | (12u << 26);
+// One format block being decoded: the next code's stream bit `pos` and where its symbol goes.
+struct Lane {
+  int64_t pos;
+  uint8_t* next;          // into symbols: the block's symbols, [count + 4] bytes (a lookup writes 4)
+  uint8_t* symbols_end;   // symbols + count
+  int64_t block_end;      // codes of this block start before this bit
+  int64_t next_start;     // where the next block's first code starts: this block must end there
+  int64_t start, count;   // the block's elements
+  uint8_t* symbols;
+};
 
-void build_multi_table(const int16_t* table, uint32_t* multi) {
+// Multi-code table: for each 12-bit peek, the first one to four codes it holds completely. The
+// fields have bytes of their own so that a lookup reads each with one load, no shifts or masks.
+struct MultiEntry {
+  uint32_t symbols;  // one byte each
+  uint8_t count;     // codes
+  uint8_t bits;      // their total length
+  uint8_t bad;       // 1 where the peek starts no code (with count 1 and bits 12, so decoding moves on)
+  uint8_t unused;
+};
+
+// Fills the table; returns whether every peek starts a code. That holds for every complete code
+// (Kraft sum 1: any Huffman code of two or more symbols), and then lookups need no check.
+bool build_multi_table(const int16_t* table, MultiEntry* multi) {
+  bool complete = true;
   for (uint32_t peek = 0; peek < lowbit::dfloat::kTableSize; ++peek) {
-    uint32_t rest = peek, avail = lowbit::dfloat::kMaxCodeLen, entry = 0, count = 0;
-    while (count < 3) {
+    uint32_t rest = peek, avail = lowbit::dfloat::kMaxCodeLen, count = 0, symbols = 0;
+    while (count < 4) {
       const uint16_t e = static_cast<uint16_t>(table[rest & kPeekMask]);
       const uint32_t length = entry_length(e);
       if (length == 0 || length > avail) break;
-      entry |= entry_symbol(e) << (8 * count);
+      symbols |= entry_symbol(e) << (8 * count);
       ++count;
       rest >>= length;
       avail -= length;
     }
-    multi[peek] = count == 0 ? kBadEntry : entry | (count << 24) | ((lowbit::dfloat::kMaxCodeLen - avail) << 26);
+    complete &= count > 0;
+    multi[peek] = count == 0 ? MultiEntry{0, 1, lowbit::dfloat::kMaxCodeLen, 1, 0}
+                             : MultiEntry{symbols, uint8_t(count), uint8_t(lowbit::dfloat::kMaxCodeLen - avail), 0, 0};
   }
+  return complete;
 }
 
-// Four lookups (up to 12 codes, at most 48 bits) from one 8-byte read (57 valid bits). Each
-// lookup stores its entry's 4 low bytes at the lane's next symbol (the bytes past its count are
-// rewritten by the next lookup), so the lane needs 12 elements left. Branch-free: a peek that
-// starts no code only sets `bad`, and the caller rejects the block.
-inline void decode_step(const uint8_t* codes, const uint32_t* multi, Lane& lane, uint32_t& bad) {
+// Four lookups (up to 16 codes, at most 48 bits) from one 8-byte read (57 valid bits). Each
+// lookup stores its entry's 4 symbol bytes at `next` (the bytes past its count are rewritten by
+// the next lookup). Branch-free: with kCheck, a peek that starts no code only sets `bad`.
+template <bool kCheck>
+inline void decode_step(const uint8_t* codes, const MultiEntry* multi, int64_t& pos, uint8_t*& next, uint32_t& bad) {
   uint64_t word;
-  memcpy(&word, codes + (lane.pos >> 3), 8);
-  word >>= (lane.pos & 7);
-  int64_t advance = 0, i = lane.i - lane.start;
+  memcpy(&word, codes + (pos >> 3), 8);
+  word >>= (pos & 7);
+  int64_t advance = 0;
   for (int k = 0; k < 4; ++k) {
-    const uint32_t entry = multi[word & kPeekMask];
-    const uint32_t bits = (entry >> 26) & 0xFu;
-    memcpy(lane.symbols + i, &entry, 4);
-    bad |= entry >> 31;
-    i += (entry >> 24) & 3u;
-    word >>= bits;
-    advance += bits;
+    const MultiEntry& entry = multi[word & kPeekMask];
+    memcpy(next, &entry.symbols, 4);
+    next += entry.count;
+    if constexpr (kCheck) bad |= entry.bad;
+    word >>= entry.bits;
+    advance += entry.bits;
   }
-  lane.pos += advance;
-  lane.i = i + lane.start;
+  pos += advance;
 }
 
-// Decodes the rest of a lane one code at a time; false if the stream runs past the block.
-inline bool decode_tail(const uint8_t* codes, const int16_t* table, Lane& lane, uint32_t& bad) {
-  for (; lane.i < lane.end; ++lane.i) {
+// Steps a lane can take with no check: a step reads at most 48 bits and writes at most 16
+// symbols, so `steps` of them stay inside the block (which keeps every 8-byte read inside the
+// padded buffer) and inside its symbols.
+inline int64_t safe_steps(const Lane& lane) {
+  return std::min((lane.symbols_end - lane.next) / 16, (lane.block_end - lane.pos) / 48);
+}
+
+// Steps four lanes interleaved, so that their chains of dependent lookups overlap, while all can.
+// Checking once per batch of safe steps, with the lanes' state in locals (registers), keeps the
+// loop to the lookups themselves.
+template <bool kCheck>
+void decode_steps4(const uint8_t* codes, const MultiEntry* multi, Lane* lanes, uint32_t& bad) {
+  for (;;) {
+    int64_t steps = std::min(std::min(safe_steps(lanes[0]), safe_steps(lanes[1])),
+                             std::min(safe_steps(lanes[2]), safe_steps(lanes[3])));
+    if (steps == 0) return;
+    int64_t pos0 = lanes[0].pos, pos1 = lanes[1].pos, pos2 = lanes[2].pos, pos3 = lanes[3].pos;
+    uint8_t *next0 = lanes[0].next, *next1 = lanes[1].next, *next2 = lanes[2].next, *next3 = lanes[3].next;
+    for (; steps > 0; --steps) {
+      decode_step<kCheck>(codes, multi, pos0, next0, bad);
+      decode_step<kCheck>(codes, multi, pos1, next1, bad);
+      decode_step<kCheck>(codes, multi, pos2, next2, bad);
+      decode_step<kCheck>(codes, multi, pos3, next3, bad);
+    }
+    lanes[0].pos = pos0, lanes[1].pos = pos1, lanes[2].pos = pos2, lanes[3].pos = pos3;
+    lanes[0].next = next0, lanes[1].next = next1, lanes[2].next = next2, lanes[3].next = next3;
+  }
+}
+
+// Decodes the rest of a lane: in safe steps, then one code at a time (always checked); false if
+// the stream runs past the block.
+template <bool kCheck>
+bool decode_rest(const Input& in, Lane& lane, uint32_t& bad) {
+  for (int64_t steps; (steps = safe_steps(lane)) > 0;) {
+    for (; steps > 0; --steps) decode_step<kCheck>(in.codes, in.multi, lane.pos, lane.next, bad);
+  }
+  for (; lane.next < lane.symbols_end; ++lane.next) {
     if (lane.pos >= lane.block_end) return false;
-    const uint16_t entry = static_cast<uint16_t>(table[lowbit::dfloat::peek(codes, lane.pos)]);
+    const uint16_t entry = static_cast<uint16_t>(in.table[lowbit::dfloat::peek(in.codes, lane.pos)]);
     const uint32_t length = entry_length(entry);
-    bad |= (length == 0);
-    lane.symbols[lane.i - lane.start] = static_cast<uint8_t>(entry_symbol(entry));
+    bad |= length == 0;
+    *lane.next = static_cast<uint8_t>(entry_symbol(entry));
     lane.pos += length == 0 ? lowbit::dfloat::kMaxCodeLen : length;
   }
   return true;
@@ -268,6 +324,35 @@ void merge_block(const uint8_t* __restrict symbols, const uint8_t* __restrict ra
   for (int64_t k = 0; k < count; ++k) out[k] = lowbit::dfloat::merge32(symbols[k], raw + 3 * k);
 }
 
+constexpr int kLanes = 4;
+
+// Decodes blocks [first, first + count) (count <= kLanes), interleaved, into `buffer` (kLanes
+// slots of block_bits + 4 bytes), then merges each with its raw bits into `out`. Returns whether
+// every block's codes matched its gaps and block starts.
+template <bool kCheck, typename Bits>
+bool decode_blocks(const Input& in, int64_t first, int count, uint8_t* buffer, Bits* out) {
+  Lane lanes[kLanes];
+  for (int l = 0; l < count; ++l) {
+    const int64_t b = first + l;
+    uint8_t* symbols = buffer + l * (in.block_bits + 4);
+    const int64_t codes_in_block = in.block_starts[b + 1] - in.block_starts[b];
+    const int64_t next_start = b + 1 < in.blocks ? (b + 1) * in.block_bits + gap_of(in.gaps, (b + 1) * in.windows_per_block)
+                                                 : in.total_bits;
+    lanes[l] = Lane{b * in.block_bits + gap_of(in.gaps, b * in.windows_per_block), symbols, symbols + codes_in_block,
+                    std::min(in.total_bits, (b + 1) * in.block_bits), next_start, in.block_starts[b], codes_in_block,
+                    symbols};
+  }
+  uint32_t bad = 0;
+  if (count == kLanes) decode_steps4<kCheck>(in.codes, in.multi, lanes, bad);
+  for (int l = 0; l < count; ++l) {
+    Lane& lane = lanes[l];
+    const bool inside = decode_rest<kCheck>(in, lane, bad);
+    if (!inside || lane.pos != lane.next_start) bad = 1;
+    merge_block(lane.symbols, in.raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.count);
+  }
+  return bad == 0;
+}
+
 }  // namespace
 
 template <typename Bits>
@@ -284,14 +369,13 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
     const int64_t count = block_starts[b + 1] - block_starts[b];
     if (count < 0 || count > block_bits) return "block_starts do not fit the blocks";
   }
-  std::vector<uint32_t> multi_table(lowbit::dfloat::kTableSize);
-  build_multi_table(table, multi_table.data());
-  const uint32_t* multi = multi_table.data();
+  std::vector<MultiEntry> multi(lowbit::dfloat::kTableSize);
+  const bool complete = build_multi_table(table, multi.data());
+  const Input in{codes, raw, gaps, block_starts, table, multi.data(), total_bits, window_bits, windows_per_block,
+                 block_bits, blocks};
 
-  // A task decodes kLanes blocks interleaved, so that their chains of dependent table lookups
-  // overlap, into per-thread symbol buffers; then one vectorized pass per block merges symbols
-  // with their raw bits into the output.
-  constexpr int kLanes = 4;
+  // A task decodes kLanes blocks, interleaved so that their chains of dependent table lookups
+  // overlap, into per-thread symbol buffers.
   const int64_t tasks = (blocks + kLanes - 1) / kLanes;
   int corrupt = 0;
 #pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
@@ -299,32 +383,11 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
     std::vector<uint8_t> buffer(kLanes * (block_bits + 4));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      Lane lanes[kLanes];
-      const int count = static_cast<int>(std::min<int64_t>(kLanes, blocks - task * kLanes));
-      for (int l = 0; l < count; ++l) {
-        const int64_t b = task * kLanes + l;
-        lanes[l] = Lane{b * block_bits + gap_of(gaps, b * windows_per_block), block_starts[b], block_starts[b + 1],
-                        std::min(total_bits, (b + 1) * block_bits),
-                        b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits,
-                        block_starts[b], buffer.data() + l * (block_bits + 4)};
-      }
-      uint32_t bad = 0;
-      // A lane may step while 12 codes remain and its position is inside its block (which keeps
-      // the 8-byte read inside the padded buffer).
-      auto can_step = [](const Lane& lane) { return lane.end - lane.i >= 12 && lane.pos < lane.block_end; };
-      if (count == kLanes) {
-        while (can_step(lanes[0]) && can_step(lanes[1]) && can_step(lanes[2]) && can_step(lanes[3])) {
-          for (int l = 0; l < kLanes; ++l) decode_step(codes, multi, lanes[l], bad);
-        }
-      }
-      for (int l = 0; l < count; ++l) {
-        Lane& lane = lanes[l];
-        while (can_step(lane)) decode_step(codes, multi, lane, bad);
-        const bool inside = decode_tail(codes, table, lane, bad);
-        if (!inside || lane.pos != lane.next_start) bad = 1;
-        merge_block(lane.symbols, raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.end - lane.start);
-      }
-      corrupt |= bad != 0;
+      const int64_t first = task * kLanes;
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, blocks - first));
+      const bool ok = complete ? decode_blocks<false>(in, first, count, buffer.data(), out)
+                               : decode_blocks<true>(in, first, count, buffer.data(), out);
+      corrupt |= !ok;
     }
   }
   return corrupt ? "the code stream does not match block_starts and gaps (corrupted data)" : nullptr;
