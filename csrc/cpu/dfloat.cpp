@@ -5,16 +5,17 @@
 // bytes, and the gaps and block starts of the windows whose first code it writes. Only the two
 // boundary bytes of a thread's bit range can be shared with a neighbour; they are OR-ed atomically.
 //
-// Decoder: each thread owns whole format blocks, four at a time, interleaved; a block starts at its
-// first window's gap and holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes are
-// read at once, which the stream's 8 bytes of padding make safe for any position before
-// total_bits, and a multi-code table decodes up to four codes per lookup.
+// Decoder: each thread owns whole format blocks, several at a time, interleaved; a block starts at
+// its first window's gap and holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes
+// are read at once, which the stream's 8 bytes of padding make safe for any position before
+// total_bits, and a multi-code table decodes up to four (or two) codes per lookup.
 #include "dfloat.h"
 
 #include <omp.h>
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dfloat.h"
@@ -189,45 +190,29 @@ const char* encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint3
 
 namespace {
 
-// The stream being decoded, and the derived multi-code table.
-struct Input {
-  const uint8_t* codes;
-  const uint8_t* raw;
-  const uint8_t* gaps;
-  const int64_t* block_starts;
-  const int16_t* table;
-  const struct MultiEntry* multi;
-  int64_t total_bits, window_bits, windows_per_block, block_bits, blocks;
-};
-
-// One format block being decoded: the next code's stream bit `pos` and where its symbol goes.
-struct Lane {
-  int64_t pos;
-  uint8_t* next;          // into symbols: the block's symbols, [count + 4] bytes (a lookup writes 4)
-  uint8_t* symbols_end;   // symbols + count
-  int64_t block_end;      // codes of this block start before this bit
-  int64_t next_start;     // where the next block's first code starts: this block must end there
-  int64_t start, count;   // the block's elements
-  uint8_t* symbols;
-};
-
-// Multi-code table: for each 12-bit peek, the first one to four codes it holds completely. The
-// fields have bytes of their own so that a lookup reads each with one load, no shifts or masks.
+// Multi-code table entry: for a 12-bit peek, the first one to kCodes codes it holds completely.
+// The fields have bytes of their own so that a lookup reads each with one load, no shifts or masks.
+// A peek that starts no code gets count 0 and bits 12: decoding moves on, and the check sees it.
+template <int kCodes>
 struct MultiEntry {
-  uint32_t symbols;  // one byte each
-  uint8_t count;     // codes
-  uint8_t bits;      // their total length
-  uint8_t bad;       // 1 where the peek starts no code (with count 1 and bits 12, so decoding moves on)
-  uint8_t unused;
+  std::conditional_t<kCodes == 4, uint32_t, uint16_t> symbols;  // one byte each
+  uint8_t count;                                                 // codes
+  uint8_t bits;                                                  // their total length
 };
 
-// Fills the table; returns whether every peek starts a code. That holds for every complete code
-// (Kraft sum 1: any Huffman code of two or more symbols), and then lookups need no check.
-bool build_multi_table(const int16_t* table, MultiEntry* multi) {
-  bool complete = true;
+struct TableShape {
+  bool complete;     // every peek starts a code
+  int64_t rich;      // peeks that hold three or more codes
+};
+
+// Fills the table and describes it. Every peek starts a code for a complete code (Kraft sum 1:
+// any Huffman code of two or more symbols); then lookups need no check.
+template <int kCodes>
+TableShape build_multi_table(const int16_t* table, MultiEntry<kCodes>* multi) {
+  TableShape shape{true, 0};
   for (uint32_t peek = 0; peek < lowbit::dfloat::kTableSize; ++peek) {
     uint32_t rest = peek, avail = lowbit::dfloat::kMaxCodeLen, count = 0, symbols = 0;
-    while (count < 4) {
+    while (count < kCodes) {
       const uint16_t e = static_cast<uint16_t>(table[rest & kPeekMask]);
       const uint32_t length = entry_length(e);
       if (length == 0 || length > avail) break;
@@ -236,68 +221,97 @@ bool build_multi_table(const int16_t* table, MultiEntry* multi) {
       rest >>= length;
       avail -= length;
     }
-    complete &= count > 0;
-    multi[peek] = count == 0 ? MultiEntry{0, 1, lowbit::dfloat::kMaxCodeLen, 1, 0}
-                             : MultiEntry{symbols, uint8_t(count), uint8_t(lowbit::dfloat::kMaxCodeLen - avail), 0, 0};
+    shape.complete &= count > 0;
+    shape.rich += count >= 3;
+    multi[peek].symbols = static_cast<decltype(multi[peek].symbols)>(symbols);
+    multi[peek].count = static_cast<uint8_t>(count);
+    multi[peek].bits = static_cast<uint8_t>(lowbit::dfloat::kMaxCodeLen - (count == 0 ? 0 : avail));
   }
-  return complete;
+  return shape;
 }
 
-// Four lookups (up to 16 codes, at most 48 bits) from one 8-byte read (57 valid bits). Each
-// lookup stores its entry's 4 symbol bytes at `next` (the bytes past its count are rewritten by
-// the next lookup). Branch-free: with kCheck, a peek that starts no code only sets `bad`.
-template <bool kCheck>
-inline void decode_step(const uint8_t* codes, const MultiEntry* multi, int64_t& pos, uint8_t*& next, uint32_t& bad) {
+// The stream being decoded, and its multi-code table.
+template <int kCodes>
+struct Input {
+  const uint8_t* codes;
+  const uint8_t* raw;
+  const uint8_t* gaps;
+  const int64_t* block_starts;
+  const int16_t* table;
+  const MultiEntry<kCodes>* multi;
+  int64_t total_bits, window_bits, windows_per_block, block_bits, blocks;
+};
+
+// One format block being decoded: the next code's stream bit `pos` and where its symbol goes.
+struct Lane {
+  int64_t pos;
+  uint8_t* next;          // into symbols: the block's symbols, [count + 4] bytes (a lookup writes up to 4)
+  uint8_t* symbols_end;   // symbols + count
+  int64_t block_end;      // codes of this block start before this bit
+  int64_t next_start;     // where the next block's first code starts: this block must end there
+  int64_t start, count;   // the block's elements
+  uint8_t* symbols;
+};
+
+// Four lookups (up to 4 * kCodes codes, at most 48 bits) from one 8-byte read (57 valid bits).
+// Each lookup stores its entry's kCodes symbol bytes at `next` (the bytes past its count are
+// rewritten by the next lookup). Branch-free: with kCheck, a peek that starts no code only sets
+// `bad`.
+template <int kCodes, bool kCheck>
+inline void decode_step(const uint8_t* codes, const MultiEntry<kCodes>* multi, int64_t& pos, uint8_t*& next,
+                        uint32_t& bad) {
   uint64_t word;
   memcpy(&word, codes + (pos >> 3), 8);
   word >>= (pos & 7);
   int64_t advance = 0;
   for (int k = 0; k < 4; ++k) {
-    const MultiEntry& entry = multi[word & kPeekMask];
-    memcpy(next, &entry.symbols, 4);
+    const MultiEntry<kCodes>& entry = multi[word & kPeekMask];
+    memcpy(next, &entry.symbols, kCodes);
     next += entry.count;
-    if constexpr (kCheck) bad |= entry.bad;
+    if constexpr (kCheck) bad |= entry.count == 0;
     word >>= entry.bits;
     advance += entry.bits;
   }
   pos += advance;
 }
 
-// Steps a lane can take with no check: a step reads at most 48 bits and writes at most 16
-// symbols, so `steps` of them stay inside the block (which keeps every 8-byte read inside the
-// padded buffer) and inside its symbols.
-inline int64_t safe_steps(const Lane& lane) {
-  return std::min((lane.symbols_end - lane.next) / 16, (lane.block_end - lane.pos) / 48);
+// Steps a lane can take with no check: a step reads at most 48 bits and writes at most
+// 4 * kCodes symbols, so `steps` of them stay inside the block (which keeps every 8-byte read
+// inside the padded buffer) and inside its symbols.
+template <int kCodes>
+int64_t safe_steps(const Lane& lane) {
+  return std::min((lane.symbols_end - lane.next) / (4 * kCodes), (lane.block_end - lane.pos) / 48);
 }
 
-// Steps four lanes interleaved, so that their chains of dependent lookups overlap, while all can.
-// Checking once per batch of safe steps, with the lanes' state in locals (registers), keeps the
-// loop to the lookups themselves.
-template <bool kCheck>
-void decode_steps4(const uint8_t* codes, const MultiEntry* multi, Lane* lanes, uint32_t& bad) {
+// Blocks decoded at once: each lane is a chain of dependent lookups, and more lanes overlap more
+// of them; past five or six, their state no longer fits in registers (measured).
+constexpr int kLanes = 6;
+
+// Steps all lanes interleaved while all can. Checking once per batch of safe steps, with the
+// lanes' state in local arrays the compiler keeps in registers, keeps the loop to the lookups.
+template <int kCodes, bool kCheck>
+void decode_lanes(const uint8_t* codes, const MultiEntry<kCodes>* multi, Lane* lanes, uint32_t& bad) {
   for (;;) {
-    int64_t steps = std::min(std::min(safe_steps(lanes[0]), safe_steps(lanes[1])),
-                             std::min(safe_steps(lanes[2]), safe_steps(lanes[3])));
+    int64_t steps = safe_steps<kCodes>(lanes[0]);
+    for (int l = 1; l < kLanes; ++l) steps = std::min(steps, safe_steps<kCodes>(lanes[l]));
     if (steps == 0) return;
-    int64_t pos0 = lanes[0].pos, pos1 = lanes[1].pos, pos2 = lanes[2].pos, pos3 = lanes[3].pos;
-    uint8_t *next0 = lanes[0].next, *next1 = lanes[1].next, *next2 = lanes[2].next, *next3 = lanes[3].next;
+    int64_t pos[kLanes];
+    uint8_t* next[kLanes];
+    for (int l = 0; l < kLanes; ++l) pos[l] = lanes[l].pos, next[l] = lanes[l].next;
     for (; steps > 0; --steps) {
-      decode_step<kCheck>(codes, multi, pos0, next0, bad);
-      decode_step<kCheck>(codes, multi, pos1, next1, bad);
-      decode_step<kCheck>(codes, multi, pos2, next2, bad);
-      decode_step<kCheck>(codes, multi, pos3, next3, bad);
+#pragma GCC unroll 8
+      for (int l = 0; l < kLanes; ++l) decode_step<kCodes, kCheck>(codes, multi, pos[l], next[l], bad);
     }
-    lanes[0].pos = pos0, lanes[1].pos = pos1, lanes[2].pos = pos2, lanes[3].pos = pos3;
-    lanes[0].next = next0, lanes[1].next = next1, lanes[2].next = next2, lanes[3].next = next3;
+    for (int l = 0; l < kLanes; ++l) lanes[l].pos = pos[l], lanes[l].next = next[l];
   }
 }
 
 // Decodes the rest of a lane: in safe steps, then one code at a time (always checked); false if
 // the stream runs past the block.
-template <bool kCheck>
-bool decode_rest(const Input& in, Lane& lane, uint32_t& bad) {
-  for (int64_t steps; (steps = safe_steps(lane)) > 0;) {
-    for (; steps > 0; --steps) decode_step<kCheck>(in.codes, in.multi, lane.pos, lane.next, bad);
+template <int kCodes, bool kCheck>
+bool decode_rest(const Input<kCodes>& in, Lane& lane, uint32_t& bad) {
+  for (int64_t steps; (steps = safe_steps<kCodes>(lane)) > 0;) {
+    for (; steps > 0; --steps) decode_step<kCodes, kCheck>(in.codes, in.multi, lane.pos, lane.next, bad);
   }
   for (; lane.next < lane.symbols_end; ++lane.next) {
     if (lane.pos >= lane.block_end) return false;
@@ -324,33 +338,49 @@ void merge_block(const uint8_t* __restrict symbols, const uint8_t* __restrict ra
   for (int64_t k = 0; k < count; ++k) out[k] = lowbit::dfloat::merge32(symbols[k], raw + 3 * k);
 }
 
-constexpr int kLanes = 4;
-
 // Decodes blocks [first, first + count) (count <= kLanes), interleaved, into `buffer` (kLanes
 // slots of block_bits + 4 bytes), then merges each with its raw bits into `out`. Returns whether
 // every block's codes matched its gaps and block starts.
-template <bool kCheck, typename Bits>
-bool decode_blocks(const Input& in, int64_t first, int count, uint8_t* buffer, Bits* out) {
+template <int kCodes, bool kCheck, typename Bits>
+bool decode_blocks(const Input<kCodes>& in, int64_t first, int count, uint8_t* buffer, Bits* out) {
   Lane lanes[kLanes];
   for (int l = 0; l < count; ++l) {
     const int64_t b = first + l;
     uint8_t* symbols = buffer + l * (in.block_bits + 4);
     const int64_t codes_in_block = in.block_starts[b + 1] - in.block_starts[b];
-    const int64_t next_start = b + 1 < in.blocks ? (b + 1) * in.block_bits + gap_of(in.gaps, (b + 1) * in.windows_per_block)
-                                                 : in.total_bits;
+    const int64_t next_start =
+        b + 1 < in.blocks ? (b + 1) * in.block_bits + gap_of(in.gaps, (b + 1) * in.windows_per_block) : in.total_bits;
     lanes[l] = Lane{b * in.block_bits + gap_of(in.gaps, b * in.windows_per_block), symbols, symbols + codes_in_block,
                     std::min(in.total_bits, (b + 1) * in.block_bits), next_start, in.block_starts[b], codes_in_block,
                     symbols};
   }
   uint32_t bad = 0;
-  if (count == kLanes) decode_steps4<kCheck>(in.codes, in.multi, lanes, bad);
+  if (count == kLanes) decode_lanes<kCodes, kCheck>(in.codes, in.multi, lanes, bad);
   for (int l = 0; l < count; ++l) {
     Lane& lane = lanes[l];
-    const bool inside = decode_rest<kCheck>(in, lane, bad);
+    const bool inside = decode_rest<kCodes, kCheck>(in, lane, bad);
     if (!inside || lane.pos != lane.next_start) bad = 1;
     merge_block(lane.symbols, in.raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.count);
   }
   return bad == 0;
+}
+
+// Decodes all blocks, kLanes per task, on all threads. Returns whether all matched.
+template <int kCodes, bool kCheck, typename Bits>
+bool decode_all(const Input<kCodes>& in, int64_t n, Bits* out) {
+  const int64_t tasks = (in.blocks + kLanes - 1) / kLanes;
+  int corrupt = 0;
+#pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
+  {
+    std::vector<uint8_t> buffer(kLanes * (in.block_bits + 4));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t first = task * kLanes;
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, in.blocks - first));
+      corrupt |= !decode_blocks<kCodes, kCheck>(in, first, count, buffer.data(), out);
+    }
+  }
+  return !corrupt;
 }
 
 }  // namespace
@@ -369,28 +399,25 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
     const int64_t count = block_starts[b + 1] - block_starts[b];
     if (count < 0 || count > block_bits) return "block_starts do not fit the blocks";
   }
-  std::vector<MultiEntry> multi(lowbit::dfloat::kTableSize);
-  const bool complete = build_multi_table(table, multi.data());
-  const Input in{codes, raw, gaps, block_starts, table, multi.data(), total_bits, window_bits, windows_per_block,
-                 block_bits, blocks};
-
-  // A task decodes kLanes blocks, interleaved so that their chains of dependent table lookups
-  // overlap, into per-thread symbol buffers.
-  const int64_t tasks = (blocks + kLanes - 1) / kLanes;
-  int corrupt = 0;
-#pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
-  {
-    std::vector<uint8_t> buffer(kLanes * (block_bits + 4));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t first = task * kLanes;
-      const int count = static_cast<int>(std::min<int64_t>(kLanes, blocks - first));
-      const bool ok = complete ? decode_blocks<false>(in, first, count, buffer.data(), out)
-                               : decode_blocks<true>(in, first, count, buffer.data(), out);
-      corrupt |= !ok;
-    }
+  std::vector<MultiEntry<4>> multi4(lowbit::dfloat::kTableSize);
+  const TableShape shape = build_multi_table(table, multi4.data());
+  bool ok;
+  if (!shape.complete) {
+    ok = decode_all<4, true>(Input<4>{codes, raw, gaps, block_starts, table, multi4.data(), total_bits, window_bits,
+                                      windows_per_block, block_bits, blocks}, n, out);
+  } else if (shape.rich * 16 >= lowbit::dfloat::kTableSize) {
+    ok = decode_all<4, false>(Input<4>{codes, raw, gaps, block_starts, table, multi4.data(), total_bits, window_bits,
+                                       windows_per_block, block_bits, blocks}, n, out);
+  } else {
+    // Stream bits of a good code are near uniform, so few peeks with three or more codes means
+    // few lookups that would yield them (fp16, whose symbols hold three mantissa bits, has
+    // almost none): the half-size table of two codes per entry then decodes faster.
+    std::vector<MultiEntry<2>> multi2(lowbit::dfloat::kTableSize);
+    build_multi_table(table, multi2.data());
+    ok = decode_all<2, false>(Input<2>{codes, raw, gaps, block_starts, table, multi2.data(), total_bits, window_bits,
+                                       windows_per_block, block_bits, blocks}, n, out);
   }
-  return corrupt ? "the code stream does not match block_starts and gaps (corrupted data)" : nullptr;
+  return ok ? nullptr : "the code stream does not match block_starts and gaps (corrupted data)";
 }
 
 template void histogram<uint16_t>(const uint16_t*, int64_t, int64_t*);
