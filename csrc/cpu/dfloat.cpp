@@ -230,22 +230,21 @@ TableShape build_multi_table(const int16_t* table, MultiEntry<kCodes>* multi) {
   return shape;
 }
 
-// The stream being decoded, and its multi-code table.
-template <int kCodes>
+// The stream being decoded.
 struct Input {
   const uint8_t* codes;
   const uint8_t* raw;
   const uint8_t* gaps;
   const int64_t* block_starts;
   const int16_t* table;
-  const MultiEntry<kCodes>* multi;
   int64_t total_bits, window_bits, windows_per_block, block_bits, blocks;
+  int64_t max_block_codes;  // the most codes in a block: the size of a lane's symbol buffer
 };
 
 // One format block being decoded: the next code's stream bit `pos` and where its symbol goes.
 struct Lane {
   int64_t pos;
-  uint8_t* next;          // into symbols: the block's symbols, [count + 4] bytes (a lookup writes up to 4)
+  uint8_t* next;          // into symbols, the block's [count] symbols
   uint8_t* symbols_end;   // symbols + count
   int64_t block_end;      // codes of this block start before this bit
   int64_t next_start;     // where the next block's first code starts: this block must end there
@@ -284,7 +283,7 @@ int64_t safe_steps(const Lane& lane) {
 }
 
 // Blocks decoded at once: each lane is a chain of dependent lookups, and more lanes overlap more
-// of them; past five or six, their state no longer fits in registers (measured).
+// of them. Five or six measure best; with eight, their state spills from registers.
 constexpr int kLanes = 6;
 
 // Steps all lanes interleaved while all can. Checking once per batch of safe steps, with the
@@ -309,9 +308,9 @@ void decode_lanes(const uint8_t* codes, const MultiEntry<kCodes>* multi, Lane* l
 // Decodes the rest of a lane: in safe steps, then one code at a time (always checked); false if
 // the stream runs past the block.
 template <int kCodes, bool kCheck>
-bool decode_rest(const Input<kCodes>& in, Lane& lane, uint32_t& bad) {
+bool decode_rest(const Input& in, const MultiEntry<kCodes>* multi, Lane& lane, uint32_t& bad) {
   for (int64_t steps; (steps = safe_steps<kCodes>(lane)) > 0;) {
-    for (; steps > 0; --steps) decode_step<kCodes, kCheck>(in.codes, in.multi, lane.pos, lane.next, bad);
+    for (; steps > 0; --steps) decode_step<kCodes, kCheck>(in.codes, multi, lane.pos, lane.next, bad);
   }
   for (; lane.next < lane.symbols_end; ++lane.next) {
     if (lane.pos >= lane.block_end) return false;
@@ -339,14 +338,15 @@ void merge_block(const uint8_t* __restrict symbols, const uint8_t* __restrict ra
 }
 
 // Decodes blocks [first, first + count) (count <= kLanes), interleaved, into `buffer` (kLanes
-// slots of block_bits + 4 bytes), then merges each with its raw bits into `out`. Returns whether
+// slots of max_block_codes bytes), then merges each with its raw bits into `out`. Returns whether
 // every block's codes matched its gaps and block starts.
 template <int kCodes, bool kCheck, typename Bits>
-bool decode_blocks(const Input<kCodes>& in, int64_t first, int count, uint8_t* buffer, Bits* out) {
+bool decode_blocks(const Input& in, const MultiEntry<kCodes>* multi, int64_t first, int count, uint8_t* buffer,
+                   Bits* out) {
   Lane lanes[kLanes];
   for (int l = 0; l < count; ++l) {
     const int64_t b = first + l;
-    uint8_t* symbols = buffer + l * (in.block_bits + 4);
+    uint8_t* symbols = buffer + l * in.max_block_codes;
     const int64_t codes_in_block = in.block_starts[b + 1] - in.block_starts[b];
     const int64_t next_start =
         b + 1 < in.blocks ? (b + 1) * in.block_bits + gap_of(in.gaps, (b + 1) * in.windows_per_block) : in.total_bits;
@@ -355,10 +355,10 @@ bool decode_blocks(const Input<kCodes>& in, int64_t first, int count, uint8_t* b
                     symbols};
   }
   uint32_t bad = 0;
-  if (count == kLanes) decode_lanes<kCodes, kCheck>(in.codes, in.multi, lanes, bad);
+  if (count == kLanes) decode_lanes<kCodes, kCheck>(in.codes, multi, lanes, bad);
   for (int l = 0; l < count; ++l) {
     Lane& lane = lanes[l];
-    const bool inside = decode_rest<kCodes, kCheck>(in, lane, bad);
+    const bool inside = decode_rest<kCodes, kCheck>(in, multi, lane, bad);
     if (!inside || lane.pos != lane.next_start) bad = 1;
     merge_block(lane.symbols, in.raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.count);
   }
@@ -367,17 +367,17 @@ bool decode_blocks(const Input<kCodes>& in, int64_t first, int count, uint8_t* b
 
 // Decodes all blocks, kLanes per task, on all threads. Returns whether all matched.
 template <int kCodes, bool kCheck, typename Bits>
-bool decode_all(const Input<kCodes>& in, int64_t n, Bits* out) {
+bool decode_all(const Input& in, const MultiEntry<kCodes>* multi, int64_t n, Bits* out) {
   const int64_t tasks = (in.blocks + kLanes - 1) / kLanes;
   int corrupt = 0;
 #pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
   {
-    std::vector<uint8_t> buffer(kLanes * (in.block_bits + 4));
+    std::vector<uint8_t> buffer(kLanes * in.max_block_codes);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t first = task * kLanes;
       const int count = static_cast<int>(std::min<int64_t>(kLanes, in.blocks - first));
-      corrupt |= !decode_blocks<kCodes, kCheck>(in, first, count, buffer.data(), out);
+      corrupt |= !decode_blocks<kCodes, kCheck>(in, multi, first, count, buffer.data(), out);
     }
   }
   return !corrupt;
@@ -394,28 +394,29 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
   const int64_t blocks = (windows + windows_per_block - 1) / windows_per_block;
   if (codes_bytes < (total_bits + 7) / 8 + 8) return "the code buffer is shorter than total_bits and its padding";
   if (block_starts[0] != 0 || block_starts[blocks] != n) return "block_starts must run from 0 to n";
+  int64_t max_block_codes = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     // A block cannot hold more codes than it has bits.
     const int64_t count = block_starts[b + 1] - block_starts[b];
     if (count < 0 || count > block_bits) return "block_starts do not fit the blocks";
+    max_block_codes = std::max(max_block_codes, count);
   }
+  const Input in{codes, raw, gaps, block_starts, table, total_bits, window_bits, windows_per_block, block_bits, blocks,
+                 max_block_codes};
   std::vector<MultiEntry<4>> multi4(lowbit::dfloat::kTableSize);
   const TableShape shape = build_multi_table(table, multi4.data());
   bool ok;
   if (!shape.complete) {
-    ok = decode_all<4, true>(Input<4>{codes, raw, gaps, block_starts, table, multi4.data(), total_bits, window_bits,
-                                      windows_per_block, block_bits, blocks}, n, out);
+    ok = decode_all<4, true>(in, multi4.data(), n, out);
   } else if (shape.rich * 16 >= lowbit::dfloat::kTableSize) {
-    ok = decode_all<4, false>(Input<4>{codes, raw, gaps, block_starts, table, multi4.data(), total_bits, window_bits,
-                                       windows_per_block, block_bits, blocks}, n, out);
+    ok = decode_all<4, false>(in, multi4.data(), n, out);
   } else {
     // Stream bits of a good code are near uniform, so few peeks with three or more codes means
     // few lookups that would yield them (fp16, whose symbols hold three mantissa bits, has
     // almost none): the half-size table of two codes per entry then decodes faster.
     std::vector<MultiEntry<2>> multi2(lowbit::dfloat::kTableSize);
     build_multi_table(table, multi2.data());
-    ok = decode_all<2, false>(Input<2>{codes, raw, gaps, block_starts, table, multi2.data(), total_bits, window_bits,
-                                       windows_per_block, block_bits, blocks}, n, out);
+    ok = decode_all<2, false>(in, multi2.data(), n, out);
   }
   return ok ? nullptr : "the code stream does not match block_starts and gaps (corrupted data)";
 }
