@@ -365,15 +365,19 @@ bool decode_blocks(const Input& in, const MultiEntry<kCodes>* multi, int64_t fir
   return bad == 0;
 }
 
-// Decodes all blocks, kLanes per task, on all threads. Returns whether all matched.
+// Decodes all blocks, kLanes per task, on all threads. Returns whether all matched. Threads take
+// runs of neighbouring tasks that write about 2 MiB of output, so that they first touch (page
+// fault) different huge pages of a fresh output instead of taking turns in the same one; runs
+// that short still balance the load.
 template <int kCodes, bool kCheck, typename Bits>
 bool decode_all(const Input& in, const MultiEntry<kCodes>* multi, int64_t n, Bits* out) {
   const int64_t tasks = (in.blocks + kLanes - 1) / kLanes;
+  const int64_t run = std::max<int64_t>(1, (int64_t(2) << 20) * tasks / (n * int64_t(sizeof(Bits)) + 1));
   int corrupt = 0;
 #pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
   {
     std::vector<uint8_t> buffer(kLanes * in.max_block_codes);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, run)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t first = task * kLanes;
       const int count = static_cast<int>(std::min<int64_t>(kLanes, in.blocks - first));
