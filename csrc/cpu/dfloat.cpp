@@ -5,16 +5,17 @@
 // bytes, and the gaps and block starts of the windows whose first code it writes. Only the two
 // boundary bytes of a thread's bit range can be shared with a neighbour; they are OR-ed atomically.
 //
-// Decoder: each thread owns whole format blocks, four at a time, interleaved; a block starts at its
-// first window's gap and holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes are
-// read at once, which the stream's 8 bytes of padding make safe for any position before
-// total_bits, and a multi-code table decodes up to three codes per lookup.
+// Decoder: each thread owns whole format blocks, several at a time, interleaved; a block starts at
+// its first window's gap and holds block_starts[b + 1] - block_starts[b] codes. Eight stream bytes
+// are read at once, which the stream's 8 bytes of padding make safe for any position before
+// total_bits, and a multi-code table decodes up to four (or two) codes per lookup.
 #include "dfloat.h"
 
 #include <omp.h>
 #include <string.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../common/dfloat.h"
@@ -189,66 +190,134 @@ const char* encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint3
 
 namespace {
 
-// One format block being decoded: the next code's stream bit `pos` and element `i`.
-struct Lane {
-  int64_t pos, i, end;    // decode elements [i, end)
-  int64_t block_end;      // codes of this block start before this bit
-  int64_t next_start;     // where the next block's first code starts: this block must end there
-  int64_t start;          // the block's first element
-  uint8_t* symbols;       // the block's symbols, [end - start + 4] bytes (a step writes 4 at once)
+// Multi-code table entry: for a 12-bit peek, the first one to kCodes codes it holds completely.
+// The fields have bytes of their own so that a lookup reads each with one load, no shifts or masks.
+// A peek that starts no code gets count 0 and bits 12: decoding moves on, and the check sees it.
+template <int kCodes>
+struct MultiEntry {
+  std::conditional_t<kCodes == 4, uint32_t, uint16_t> symbols;  // one byte each
+  uint8_t count;                                                 // codes
+  uint8_t bits;                                                  // their total length
 };
 
-// Multi-code table: for each 12-bit peek, the first one to three codes it holds completely.
-// Entry: symbol0 | symbol1 << 8 | symbol2 << 16 | count << 24 | bits << 26, and bit 31 set (with
-// count 1 and bits 12, so decoding moves on) where the peek starts no code.
-constexpr uint32_t kBadEntry = (1u << 31) | (1u << 24) | (12u << 26);
+struct TableShape {
+  bool complete;     // every peek starts a code
+  int64_t rich;      // peeks that hold three or more codes
+};
 
-void build_multi_table(const int16_t* table, uint32_t* multi) {
+// Fills the table and describes it. Every peek starts a code for a complete code (Kraft sum 1:
+// any Huffman code of two or more symbols); then lookups need no check.
+template <int kCodes>
+TableShape build_multi_table(const int16_t* table, MultiEntry<kCodes>* multi) {
+  TableShape shape{true, 0};
   for (uint32_t peek = 0; peek < lowbit::dfloat::kTableSize; ++peek) {
-    uint32_t rest = peek, avail = lowbit::dfloat::kMaxCodeLen, entry = 0, count = 0;
-    while (count < 3) {
+    uint32_t rest = peek, avail = lowbit::dfloat::kMaxCodeLen, count = 0, symbols = 0;
+    while (count < kCodes) {
       const uint16_t e = static_cast<uint16_t>(table[rest & kPeekMask]);
       const uint32_t length = entry_length(e);
       if (length == 0 || length > avail) break;
-      entry |= entry_symbol(e) << (8 * count);
+      symbols |= entry_symbol(e) << (8 * count);
       ++count;
       rest >>= length;
       avail -= length;
     }
-    multi[peek] = count == 0 ? kBadEntry : entry | (count << 24) | ((lowbit::dfloat::kMaxCodeLen - avail) << 26);
+    shape.complete &= count > 0;
+    shape.rich += count >= 3;
+    multi[peek].symbols = static_cast<decltype(multi[peek].symbols)>(symbols);
+    multi[peek].count = static_cast<uint8_t>(count);
+    multi[peek].bits = static_cast<uint8_t>(lowbit::dfloat::kMaxCodeLen - (count == 0 ? 0 : avail));
   }
+  return shape;
 }
 
-// Four lookups (up to 12 codes, at most 48 bits) from one 8-byte read (57 valid bits). Each
-// lookup stores its entry's 4 low bytes at the lane's next symbol (the bytes past its count are
-// rewritten by the next lookup), so the lane needs 12 elements left. Branch-free: a peek that
-// starts no code only sets `bad`, and the caller rejects the block.
-inline void decode_step(const uint8_t* codes, const uint32_t* multi, Lane& lane, uint32_t& bad) {
+// The stream being decoded.
+struct Input {
+  const uint8_t* codes;
+  const uint8_t* raw;
+  const uint8_t* gaps;
+  const int64_t* block_starts;
+  const int16_t* table;
+  int64_t total_bits, window_bits, windows_per_block, block_bits, blocks;
+  int64_t max_block_codes;  // the most codes in a block: the size of a lane's symbol buffer
+};
+
+// One format block being decoded: the next code's stream bit `pos` and where its symbol goes.
+struct Lane {
+  int64_t pos;
+  uint8_t* next;          // into symbols, the block's [count] symbols
+  uint8_t* symbols_end;   // symbols + count
+  int64_t block_end;      // codes of this block start before this bit
+  int64_t next_start;     // where the next block's first code starts: this block must end there
+  int64_t start, count;   // the block's elements
+  uint8_t* symbols;
+};
+
+// Four lookups (up to 4 * kCodes codes, at most 48 bits) from one 8-byte read (57 valid bits).
+// Each lookup stores its entry's kCodes symbol bytes at `next` (the bytes past its count are
+// rewritten by the next lookup). Branch-free: with kCheck, a peek that starts no code only sets
+// `bad`.
+template <int kCodes, bool kCheck>
+inline void decode_step(const uint8_t* codes, const MultiEntry<kCodes>* multi, int64_t& pos, uint8_t*& next,
+                        uint32_t& bad) {
   uint64_t word;
-  memcpy(&word, codes + (lane.pos >> 3), 8);
-  word >>= (lane.pos & 7);
-  int64_t advance = 0, i = lane.i - lane.start;
+  memcpy(&word, codes + (pos >> 3), 8);
+  word >>= (pos & 7);
+  int64_t advance = 0;
   for (int k = 0; k < 4; ++k) {
-    const uint32_t entry = multi[word & kPeekMask];
-    const uint32_t bits = (entry >> 26) & 0xFu;
-    memcpy(lane.symbols + i, &entry, 4);
-    bad |= entry >> 31;
-    i += (entry >> 24) & 3u;
-    word >>= bits;
-    advance += bits;
+    const MultiEntry<kCodes>& entry = multi[word & kPeekMask];
+    memcpy(next, &entry.symbols, kCodes);
+    next += entry.count;
+    if constexpr (kCheck) bad |= entry.count == 0;
+    word >>= entry.bits;
+    advance += entry.bits;
   }
-  lane.pos += advance;
-  lane.i = i + lane.start;
+  pos += advance;
 }
 
-// Decodes the rest of a lane one code at a time; false if the stream runs past the block.
-inline bool decode_tail(const uint8_t* codes, const int16_t* table, Lane& lane, uint32_t& bad) {
-  for (; lane.i < lane.end; ++lane.i) {
+// Steps a lane can take with no check: a step reads at most 48 bits and writes at most
+// 4 * kCodes symbols, so `steps` of them stay inside the block (which keeps every 8-byte read
+// inside the padded buffer) and inside its symbols.
+template <int kCodes>
+int64_t safe_steps(const Lane& lane) {
+  return std::min((lane.symbols_end - lane.next) / (4 * kCodes), (lane.block_end - lane.pos) / 48);
+}
+
+// Blocks decoded at once: each lane is a chain of dependent lookups, and more lanes overlap more
+// of them. Five or six measure best; with eight, their state spills from registers.
+constexpr int kLanes = 6;
+
+// Steps all lanes interleaved while all can. Checking once per batch of safe steps, with the
+// lanes' state in local arrays the compiler keeps in registers, keeps the loop to the lookups.
+template <int kCodes, bool kCheck>
+void decode_lanes(const uint8_t* codes, const MultiEntry<kCodes>* multi, Lane* lanes, uint32_t& bad) {
+  for (;;) {
+    int64_t steps = safe_steps<kCodes>(lanes[0]);
+    for (int l = 1; l < kLanes; ++l) steps = std::min(steps, safe_steps<kCodes>(lanes[l]));
+    if (steps == 0) return;
+    int64_t pos[kLanes];
+    uint8_t* next[kLanes];
+    for (int l = 0; l < kLanes; ++l) pos[l] = lanes[l].pos, next[l] = lanes[l].next;
+    for (; steps > 0; --steps) {
+#pragma GCC unroll 8
+      for (int l = 0; l < kLanes; ++l) decode_step<kCodes, kCheck>(codes, multi, pos[l], next[l], bad);
+    }
+    for (int l = 0; l < kLanes; ++l) lanes[l].pos = pos[l], lanes[l].next = next[l];
+  }
+}
+
+// Decodes the rest of a lane: in safe steps, then one code at a time (always checked); false if
+// the stream runs past the block.
+template <int kCodes, bool kCheck>
+bool decode_rest(const Input& in, const MultiEntry<kCodes>* multi, Lane& lane, uint32_t& bad) {
+  for (int64_t steps; (steps = safe_steps<kCodes>(lane)) > 0;) {
+    for (; steps > 0; --steps) decode_step<kCodes, kCheck>(in.codes, multi, lane.pos, lane.next, bad);
+  }
+  for (; lane.next < lane.symbols_end; ++lane.next) {
     if (lane.pos >= lane.block_end) return false;
-    const uint16_t entry = static_cast<uint16_t>(table[lowbit::dfloat::peek(codes, lane.pos)]);
+    const uint16_t entry = static_cast<uint16_t>(in.table[lowbit::dfloat::peek(in.codes, lane.pos)]);
     const uint32_t length = entry_length(entry);
-    bad |= (length == 0);
-    lane.symbols[lane.i - lane.start] = static_cast<uint8_t>(entry_symbol(entry));
+    bad |= length == 0;
+    *lane.next = static_cast<uint8_t>(entry_symbol(entry));
     lane.pos += length == 0 ? lowbit::dfloat::kMaxCodeLen : length;
   }
   return true;
@@ -268,6 +337,56 @@ void merge_block(const uint8_t* __restrict symbols, const uint8_t* __restrict ra
   for (int64_t k = 0; k < count; ++k) out[k] = lowbit::dfloat::merge32(symbols[k], raw + 3 * k);
 }
 
+// Decodes blocks [first, first + count) (count <= kLanes), interleaved, into `buffer` (kLanes
+// slots of max_block_codes bytes), then merges each with its raw bits into `out`. Returns whether
+// every block's codes matched its gaps and block starts.
+template <int kCodes, bool kCheck, typename Bits>
+bool decode_blocks(const Input& in, const MultiEntry<kCodes>* multi, int64_t first, int count, uint8_t* buffer,
+                   Bits* out) {
+  Lane lanes[kLanes];
+  for (int l = 0; l < count; ++l) {
+    const int64_t b = first + l;
+    uint8_t* symbols = buffer + l * in.max_block_codes;
+    const int64_t codes_in_block = in.block_starts[b + 1] - in.block_starts[b];
+    const int64_t next_start =
+        b + 1 < in.blocks ? (b + 1) * in.block_bits + gap_of(in.gaps, (b + 1) * in.windows_per_block) : in.total_bits;
+    lanes[l] = Lane{b * in.block_bits + gap_of(in.gaps, b * in.windows_per_block), symbols, symbols + codes_in_block,
+                    std::min(in.total_bits, (b + 1) * in.block_bits), next_start, in.block_starts[b], codes_in_block,
+                    symbols};
+  }
+  uint32_t bad = 0;
+  if (count == kLanes) decode_lanes<kCodes, kCheck>(in.codes, multi, lanes, bad);
+  for (int l = 0; l < count; ++l) {
+    Lane& lane = lanes[l];
+    const bool inside = decode_rest<kCodes, kCheck>(in, multi, lane, bad);
+    if (!inside || lane.pos != lane.next_start) bad = 1;
+    merge_block(lane.symbols, in.raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.count);
+  }
+  return bad == 0;
+}
+
+// Decodes all blocks, kLanes per task, on all threads. Returns whether all matched. Threads take
+// runs of neighbouring tasks that write about 2 MiB of output, so that they first touch (page
+// fault) different huge pages of a fresh output instead of taking turns in the same one; runs
+// that short still balance the load.
+template <int kCodes, bool kCheck, typename Bits>
+bool decode_all(const Input& in, const MultiEntry<kCodes>* multi, int64_t n, Bits* out) {
+  const int64_t tasks = (in.blocks + kLanes - 1) / kLanes;
+  const int64_t run = std::max<int64_t>(1, (int64_t(2) << 20) * tasks / (n * int64_t(sizeof(Bits)) + 1));
+  int corrupt = 0;
+#pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
+  {
+    std::vector<uint8_t> buffer(kLanes * in.max_block_codes);
+#pragma omp for schedule(dynamic, run)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t first = task * kLanes;
+      const int count = static_cast<int>(std::min<int64_t>(kLanes, in.blocks - first));
+      corrupt |= !decode_blocks<kCodes, kCheck>(in, multi, first, count, buffer.data(), out);
+    }
+  }
+  return !corrupt;
+}
+
 }  // namespace
 
 template <typename Bits>
@@ -279,55 +398,31 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
   const int64_t blocks = (windows + windows_per_block - 1) / windows_per_block;
   if (codes_bytes < (total_bits + 7) / 8 + 8) return "the code buffer is shorter than total_bits and its padding";
   if (block_starts[0] != 0 || block_starts[blocks] != n) return "block_starts must run from 0 to n";
+  int64_t max_block_codes = 0;
   for (int64_t b = 0; b < blocks; ++b) {
     // A block cannot hold more codes than it has bits.
     const int64_t count = block_starts[b + 1] - block_starts[b];
     if (count < 0 || count > block_bits) return "block_starts do not fit the blocks";
+    max_block_codes = std::max(max_block_codes, count);
   }
-  std::vector<uint32_t> multi_table(lowbit::dfloat::kTableSize);
-  build_multi_table(table, multi_table.data());
-  const uint32_t* multi = multi_table.data();
-
-  // A task decodes kLanes blocks interleaved, so that their chains of dependent table lookups
-  // overlap, into per-thread symbol buffers; then one vectorized pass per block merges symbols
-  // with their raw bits into the output.
-  constexpr int kLanes = 4;
-  const int64_t tasks = (blocks + kLanes - 1) / kLanes;
-  int corrupt = 0;
-#pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
-  {
-    std::vector<uint8_t> buffer(kLanes * (block_bits + 4));
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < tasks; ++task) {
-      Lane lanes[kLanes];
-      const int count = static_cast<int>(std::min<int64_t>(kLanes, blocks - task * kLanes));
-      for (int l = 0; l < count; ++l) {
-        const int64_t b = task * kLanes + l;
-        lanes[l] = Lane{b * block_bits + gap_of(gaps, b * windows_per_block), block_starts[b], block_starts[b + 1],
-                        std::min(total_bits, (b + 1) * block_bits),
-                        b + 1 < blocks ? (b + 1) * block_bits + gap_of(gaps, (b + 1) * windows_per_block) : total_bits,
-                        block_starts[b], buffer.data() + l * (block_bits + 4)};
-      }
-      uint32_t bad = 0;
-      // A lane may step while 12 codes remain and its position is inside its block (which keeps
-      // the 8-byte read inside the padded buffer).
-      auto can_step = [](const Lane& lane) { return lane.end - lane.i >= 12 && lane.pos < lane.block_end; };
-      if (count == kLanes) {
-        while (can_step(lanes[0]) && can_step(lanes[1]) && can_step(lanes[2]) && can_step(lanes[3])) {
-          for (int l = 0; l < kLanes; ++l) decode_step(codes, multi, lanes[l], bad);
-        }
-      }
-      for (int l = 0; l < count; ++l) {
-        Lane& lane = lanes[l];
-        while (can_step(lane)) decode_step(codes, multi, lane, bad);
-        const bool inside = decode_tail(codes, table, lane, bad);
-        if (!inside || lane.pos != lane.next_start) bad = 1;
-        merge_block(lane.symbols, raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.end - lane.start);
-      }
-      corrupt |= bad != 0;
-    }
+  const Input in{codes, raw, gaps, block_starts, table, total_bits, window_bits, windows_per_block, block_bits, blocks,
+                 max_block_codes};
+  std::vector<MultiEntry<4>> multi4(lowbit::dfloat::kTableSize);
+  const TableShape shape = build_multi_table(table, multi4.data());
+  bool ok;
+  if (!shape.complete) {
+    ok = decode_all<4, true>(in, multi4.data(), n, out);
+  } else if (shape.rich * 16 >= lowbit::dfloat::kTableSize) {
+    ok = decode_all<4, false>(in, multi4.data(), n, out);
+  } else {
+    // Stream bits of a good code are near uniform, so few peeks with three or more codes means
+    // few lookups that would yield them (fp16, whose symbols hold three mantissa bits, has
+    // almost none): the half-size table of two codes per entry then decodes faster.
+    std::vector<MultiEntry<2>> multi2(lowbit::dfloat::kTableSize);
+    build_multi_table(table, multi2.data());
+    ok = decode_all<2, false>(in, multi2.data(), n, out);
   }
-  return corrupt ? "the code stream does not match block_starts and gaps (corrupted data)" : nullptr;
+  return ok ? nullptr : "the code stream does not match block_starts and gaps (corrupted data)";
 }
 
 template void histogram<uint16_t>(const uint16_t*, int64_t, int64_t*);
