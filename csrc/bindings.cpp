@@ -175,37 +175,28 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-// Everything of the int8 GEMM after xq @ weight^T, which the caller ran (lowbit/int8/cpu_gemm.py:
-// oneDNN with the weight packed once) and passes as acc [M, N], int32 or its exact fp32 image.
-at::Tensor int8_epilogue_cpu(const at::Tensor& x, const at::Tensor& acc_in, const at::Tensor& row_scale,
-                             const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
-                             const at::Tensor& weight_scale_in, const at::Tensor& static_weight,
-                             const std::optional<at::Tensor>& bias_in, double threshold) {
-  int8_checks::check_epilogue(x, acc_in, row_scale, col_flags, x_static, weight, weight_scale_in, static_weight,
+// Everything of the int8 GEMM after xq @ weight^T, which the caller ran and passes as acc [M, N]
+// (int32, or its exact fp32 image), with the outlier side product's factors dyn_x [M, D] and
+// dyn_w [D, N] (fp32, the int8 weight's flagged columns), all from lowbit/int8/cpu_gemm.py.
+at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_scale, const at::Tensor& weight_scale_in,
+                             const std::optional<at::Tensor>& dyn_x_in, const std::optional<at::Tensor>& dyn_w_in,
+                             const at::Tensor& x_static, const at::Tensor& static_weight,
+                             const std::optional<at::Tensor>& bias_in) {
+  int8_checks::check_epilogue(acc_in, row_scale, weight_scale_in, dyn_x_in, dyn_w_in, x_static, static_weight,
                               bias_in);
-  const int64_t M = x.size(0), N = weight.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  const int64_t M = acc_in.size(0), N = acc_in.size(1);
+  at::Tensor y = at::empty({M, N}, x_static.options());
   if (M == 0 || N == 0) return y;
   const at::Tensor acc = acc_in.contiguous();
-  // The 16-bit side products, as few columns each: the columns that hold outlier elements (found
-  // here; a CPU kernel can afford to look), with the int8 weight, and the static columns.
-  at::Tensor dyn_x, dyn_w;
-  const float t = static_cast<float>(threshold);  // compared in fp32, as the pre-pass did
-  if (t > 0) {
-    const at::Tensor cols = col_flags.nonzero().flatten();
-    if (cols.numel()) {
-      dyn_x = x.index_select(1, cols).to(at::kFloat);
-      dyn_x = at::where(dyn_x.abs() >= t, dyn_x, 0.0f).contiguous();
-      dyn_w = weight.index_select(1, cols).to(at::kFloat).t().contiguous();
-    }
-  }
+  const at::Tensor dyn_x = dyn_x_in.has_value() ? dyn_x_in->contiguous() : at::Tensor();
+  const at::Tensor dyn_w = dyn_w_in.has_value() ? dyn_w_in->contiguous() : at::Tensor();
   const at::Tensor stat_x = x_static.to(at::kFloat).contiguous();
   const at::Tensor stat_w = static_weight.to(at::kFloat).t().contiguous();
   const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const cpu::int8::Side dyn{ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
   const cpu::int8::Side stat{stat_x.const_data_ptr<float>(), stat_w.const_data_ptr<float>(), stat_x.size(1)};
-  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+  dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
     using T = typename decltype(type)::type;
     if (acc.scalar_type() == at::kInt) {
       cpu::int8::epilogue<int32_t, T>(acc.const_data_ptr<int32_t>(), M, N, row.const_data_ptr<float>(),

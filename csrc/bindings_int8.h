@@ -82,24 +82,33 @@ inline void check_gemv(const at::Tensor& x, const at::Tensor& weight, const at::
   check_weight(x, weight, weight_scale, static_weight, static_idx.size(0), bias);
 }
 
-// The CPU GEMM's epilogue: int8_matmul's arguments, with the accumulator acc [M, N] (int32, or
-// its exact fp32 image) in place of xq.
-inline void check_epilogue(const at::Tensor& x, const at::Tensor& acc, const at::Tensor& row_scale,
-                           const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
-                           const at::Tensor& weight_scale, const at::Tensor& static_weight,
+// The CPU GEMM's epilogue (csrc/bindings.cpp, int8_epilogue_cpu).
+inline void check_epilogue(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& weight_scale,
+                           const std::optional<at::Tensor>& dyn_x, const std::optional<at::Tensor>& dyn_w,
+                           const at::Tensor& x_static, const at::Tensor& static_weight,
                            const std::optional<at::Tensor>& bias) {
-  check_x(x);
-  const int64_t rows = x.size(0);
-  TORCH_CHECK_VALUE(x_static.dim() == 2 && x_static.size(0) == rows, "x_static must be [", rows, ", S], got shape ",
-                    x_static.sizes());
-  check_tensor("x_static", x_static, x.scalar_type(), {rows, x_static.size(1)});
-  check_weight(x, weight, weight_scale, static_weight, x_static.size(1), bias);
   TORCH_CHECK_TYPE(acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat,
                    "acc must be int32 or float32, got ", acc.scalar_type());
-  check_tensor("acc", acc, acc.scalar_type(), {rows, weight.size(0)});
+  TORCH_CHECK_VALUE(acc.dim() == 2, "acc must be 2-D [rows, out_features], got shape ", acc.sizes());
+  const int64_t rows = acc.size(0), out_features = acc.size(1);
+  const at::ScalarType dtype = x_static.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+                   "x_static must be bfloat16, float16 or float32 (x's dtype), got ", dtype);
+  TORCH_CHECK_VALUE(x_static.dim() == 2, "x_static must be 2-D [rows, S], got shape ", x_static.sizes());
   check_tensor("row_scale", row_scale, at::kFloat, {rows});
-  check_tensor("col_flags", col_flags, at::kByte, {x.size(1)});
-  for (const auto* t : {&acc, &row_scale, &col_flags, &x_static}) check_device("the GEMM's inputs", *t, x);
+  check_tensor("weight_scale", weight_scale, at::kFloat, {out_features});
+  check_tensor("x_static", x_static, x_static.scalar_type(), {rows, x_static.size(1)});
+  check_tensor("static_weight", static_weight, x_static.scalar_type(), {out_features, x_static.size(1)});
+  if (bias.has_value()) check_tensor("bias", *bias, x_static.scalar_type(), {out_features});
+  TORCH_CHECK_VALUE(dyn_x.has_value() == dyn_w.has_value(), "dyn_x and dyn_w come together");
+  if (dyn_x.has_value()) {
+    TORCH_CHECK_VALUE(dyn_x->dim() == 2, "dyn_x must be 2-D [rows, D], got shape ", dyn_x->sizes());
+    check_tensor("dyn_x", *dyn_x, at::kFloat, {rows, dyn_x->size(1)});
+    check_tensor("dyn_w", *dyn_w, at::kFloat, {dyn_x->size(1), out_features});
+  }
+  for (const at::Tensor* t : {&row_scale, &weight_scale, &x_static, &static_weight}) {
+    check_device("the epilogue's inputs", *t, acc);
+  }
 }
 
 }  // namespace lowbit::int8_checks

@@ -203,7 +203,22 @@ def test_native_ops_refuse_bad_arguments():
         torch.ops.lowbit._int8_gemv_native(x, wq, ws, torch.tensor([-1], dtype=torch.int32), kept, b)
     pre = ops.int8_prepass(x, mask, idx, 6.0)
     acc = torch.zeros(4, 12, dtype=torch.int32)
-    with pytest.raises(ValueError, match="acc must have shape"):
-        torch.ops.lowbit._int8_epilogue_native(x, acc[:3], pre[1], pre[2], pre[3], wq, ws, kept, b, 6.0)
+    epilogue = torch.ops.lowbit._int8_epilogue_native
+    with pytest.raises(ValueError, match="row_scale must have shape"):
+        epilogue(acc[:3], pre[1], ws, None, None, pre[3], kept, b)
     with pytest.raises(TypeError, match="acc must be int32 or float32"):
-        torch.ops.lowbit._int8_epilogue_native(x, acc.double(), pre[1], pre[2], pre[3], wq, ws, kept, b, 6.0)
+        epilogue(acc.double(), pre[1], ws, None, None, pre[3], kept, b)
+    with pytest.raises(ValueError, match="come together"):
+        epilogue(acc, pre[1], ws, torch.zeros(4, 1), None, pre[3], kept, b)
+    with pytest.raises(ValueError, match="dyn_w must have shape"):
+        epilogue(acc, pre[1], ws, torch.zeros(4, 1), torch.zeros(2, 12), pre[3], kept, b)
+
+
+def test_cpu_matmul_follows_changing_outlier_columns():
+    x, _, b, idx, mask, wq, ws, kept = _layer(6, 64, 10, torch.float32, (), outliers=False)
+    for col in (3, 40, 3):  # the kept weight columns must follow the flagged ones
+        xc = x.clone()
+        xc[2, col] = 30.0
+        pre = ref.prepass(xc, mask, idx, 6.0)
+        want = ref.matmul(xc, *pre, wq, ws, kept, b, 6.0)
+        _close(ops.int8_matmul(xc, *pre, wq, ws, kept, b, 6.0, backend="cpu"), want, torch.float32)

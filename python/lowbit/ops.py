@@ -462,12 +462,10 @@ def _int8_linear_via(prepass_backend: str, matmul_backend: str):
     return run
 
 
-def _int8_matmul_cpu(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold):
-    """oneDNN's int8 GEMM (weight packed once), then the C++ epilogue."""
-    from lowbit.int8.cpu_gemm import int8_gemm
+def _int8_matmul_cpu(*args):
+    from lowbit.int8 import cpu_gemm  # imported on first use: it probes oneDNN
 
-    return torch.ops.lowbit._int8_epilogue_native(x, int8_gemm(xq, weight), row_scale, col_flags, x_static, weight,
-                                                  weight_scale, static_weight, bias, threshold)
+    return cpu_gemm.matmul(*args)
 
 
 _INT8_WEIGHT = "Tensor weight, Tensor weight_scale"
@@ -556,10 +554,10 @@ def int8_linear(x, weight, weight_scale, static_mask, static_idx, static_weight,
 
 _define_native(
     "int8_epilogue",
-    "Tensor x, Tensor acc, Tensor row_scale, Tensor col_flags, Tensor x_static, Tensor weight, Tensor weight_scale, "
-    "Tensor static_weight, Tensor? bias, float threshold",
+    "Tensor acc, Tensor row_scale, Tensor weight_scale, Tensor? dyn_x, Tensor? dyn_w, Tensor x_static, "
+    "Tensor static_weight, Tensor? bias",
     "Tensor",
-    lambda x, acc, *rest: x.new_empty((x.shape[0], acc.shape[1])),
+    lambda acc, row_scale, weight_scale, dyn_x, dyn_w, x_static, *rest: x_static.new_empty(acc.shape),
 )
 
 # The schemas exist now, so the extension's kernels can attach to them.

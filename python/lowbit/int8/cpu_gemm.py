@@ -1,11 +1,15 @@
-"""xq @ weight^T on CPU for ``lowbit::int8_matmul``'s cpu backend.
+"""The CPU backend of ``lowbit::int8_matmul``: the int8 GEMM and the outlier side product's
+factors, with what can be kept from call to call kept per weight tensor.
 
-oneDNN's int8 kernels (``torch.ops.onednn.qlinear_pointwise``) with the weight packed once and kept
-while the weight tensor lives: ``torch._int_mm`` re-packs the weight at every call, which costs
-more than the multiplication itself for small batches. oneDNN wants unsigned activations, so xq
-goes in as xq + 128 (its sign bit flipped) with a zero point of 128, and it returns the int32
-accumulator as fp32 (exactly the fp32 value the epilogue would convert it to). Where oneDNN's
-int8 ops are missing or fail a first exactness check against ``torch._int_mm``, ``_int_mm`` runs.
+The GEMM runs in oneDNN's int8 kernels (``torch.ops.onednn.qlinear_pointwise``) with the weight
+packed once: ``torch._int_mm`` re-packs the weight at every call, which costs more than the
+multiplication itself for small batches. oneDNN wants unsigned activations, so xq goes in as
+xq + 128 (its sign bit flipped) with a zero point of 128, and it returns the int32 accumulator as
+fp32 (exactly the fp32 value the epilogue would convert it to). Where oneDNN's int8 ops are
+missing or fail a first exactness check against ``torch._int_mm``, ``_int_mm`` runs.
+
+The outlier side product needs the weight's columns at the flagged inputs; outlier features are
+the same from call to call in practice, so the last gathered columns are kept too.
 """
 
 from __future__ import annotations
@@ -15,28 +19,45 @@ import weakref
 
 import torch
 
+from lowbit.reference.int8 import fp32_threshold
+
 # Below this many input features the packed path is not worth it (and oneDNN mishandles K = 1).
 _MIN_IN_FEATURES = 16
 
-# id(weight) -> (weak reference to it, its version counter when packed, packed weight, unit scales,
-# zero points). Keyed by id, as tensors compare elementwise; an entry goes when its tensor does.
-_packed: dict[int, tuple] = {}
+
+class _Kept:
+    """What is derived from one weight tensor, valid while its version counter is unchanged."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.ref = weakref.ref(weight)
+        self.version = weight._version
+        self.packed = None  # (packed weight, unit scales, zero points)
+        self.cols = None  # the last flagged columns, and the weight's columns there as fp32 [D, N]
+        self.dyn_w = None
 
 
-def _pack(weight: torch.Tensor):
-    entry = _packed.get(id(weight))
-    if entry is None or entry[0]() is not weight or entry[1] != weight._version:
-        if entry is None or entry[0]() is not weight:
-            weakref.finalize(weight, _packed.pop, id(weight), None)
-        n = weight.shape[0]
-        entry = (weakref.ref(weight), weight._version, torch.ops.onednn.qlinear_prepack(weight, None),
-                 torch.ones(n), torch.zeros(n, dtype=torch.int64))
-        _packed[id(weight)] = entry
-    return entry[2:]
+# id(weight) -> _Kept. Keyed by id, as tensors compare elementwise; an entry goes with its tensor.
+_kept: dict[int, _Kept] = {}
+
+
+def _kept_for(weight: torch.Tensor) -> _Kept:
+    entry = _kept.get(id(weight))
+    if entry is None or entry.ref() is not weight:
+        entry = _Kept(weight)
+        _kept[id(weight)] = entry
+        weakref.finalize(weight, _kept.pop, id(weight), None)
+    elif entry.version != weight._version:  # changed in place
+        entry.__init__(weight)
+    return entry
 
 
 def _onednn_gemm(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    packed, scales, zero_points = _pack(weight)
+    entry = _kept_for(weight)
+    if entry.packed is None:
+        n = weight.shape[0]
+        entry.packed = (torch.ops.onednn.qlinear_prepack(weight, None), torch.ones(n),
+                        torch.zeros(n, dtype=torch.int64))
+    packed, scales, zero_points = entry.packed
     shifted = xq.view(torch.uint8).bitwise_xor(0x80)  # int8 v -> uint8 v + 128
     return torch.ops.onednn.qlinear_pointwise(shifted, 1.0, 128, packed, scales, zero_points, None, 1.0, 0,
                                               torch.float32, "none", [], "")
@@ -63,3 +84,25 @@ def int8_gemm(xq: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if k >= _MIN_IN_FEATURES and onednn_available():
         return _onednn_gemm(xq, weight)
     return torch._int_mm(xq, weight.t())
+
+
+def outlier_factors(x: torch.Tensor, col_flags: torch.Tensor, weight: torch.Tensor, threshold: float):
+    """(dyn_x fp32 [M, D], dyn_w fp32 [D, N]) over the D flagged columns, or (None, None): the
+    outlier elements of x and the int8 weight's columns there (not yet scaled by weight_scale)."""
+    threshold = fp32_threshold(threshold)
+    cols = col_flags.nonzero().flatten() if threshold > 0 else None
+    if cols is None or cols.numel() == 0:
+        return None, None
+    dyn_x = x.index_select(1, cols).float()
+    dyn_x = torch.where(dyn_x.abs() >= threshold, dyn_x, 0.0)
+    entry = _kept_for(weight)
+    if entry.cols is None or not torch.equal(entry.cols, cols):
+        entry.cols, entry.dyn_w = cols, weight.t().index_select(0, cols).float()  # gathers rows in parallel
+    return dyn_x, entry.dyn_w
+
+
+def matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold):
+    """``lowbit::int8_matmul`` on the CPU: oneDNN's GEMM, then the C++ epilogue."""
+    dyn_x, dyn_w = outlier_factors(x, col_flags, weight, threshold)
+    return torch.ops.lowbit._int8_epilogue_native(int8_gemm(xq, weight), row_scale, weight_scale, dyn_x, dyn_w,
+                                                  x_static, static_weight, bias)
