@@ -39,6 +39,21 @@ def skip_unless_available(backend: str, device: str) -> None:
         pytest.skip(why)
 
 
+def run_in_cuda_graph(fn):
+    """fn() run once eagerly (warm-up), then captured in a CUDA graph and replayed: -> its output."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.fixture(params=list(_backend_params()))
 def backend_device(request):
     """(backend, device) for every backend on every device type, skipped where it cannot run."""

@@ -21,7 +21,7 @@ import lowbit
 from lowbit.errors import FormatError
 from lowbit.reference import dfloat as ref
 
-from conftest import skip_unless_available
+from conftest import run_in_cuda_graph, skip_unless_available
 
 pytestmark = pytest.mark.gpu
 
@@ -270,28 +270,14 @@ def test_gemv_corrupted_stream_gives_nan(what, config):
     assert not bool(enc.gemv(x, bias).isnan().any())
 
 
-def _captured(fn):
-    """fn() run once eagerly (warm-up), then captured in a CUDA graph and replayed: -> its output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return out
-
-
 def test_decode_and_gemv_in_cuda_graph():
     # decode skips its flag check (a host read) while the stream is captured; gemv has none.
     w = _weights((64, 256), torch.bfloat16, seed=16)
     enc = encode(w, 64, 4)
     x = torch.randn(2, 256, device="cuda").to(torch.bfloat16)
-    assert_bits_equal(_captured(enc.decode).reshape(64, 256), w)
-    assert_gemv_close(_captured(lambda: enc.gemv(x)), x, w, None, (x.float().cpu() @ w.float().T).to(torch.bfloat16))
+    assert_bits_equal(run_in_cuda_graph(enc.decode).reshape(64, 256), w)
+    want = (x.float().cpu() @ w.float().T).to(torch.bfloat16)
+    assert_gemv_close(run_in_cuda_graph(lambda: enc.gemv(x)), x, w, None, want)
 
 
 # ---- gemv ------------------------------------------------------------------------------------------

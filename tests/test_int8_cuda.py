@@ -18,7 +18,7 @@ from torch.library import opcheck
 import lowbit
 from lowbit.reference import int8 as ref
 
-from conftest import skip_unless_available
+from conftest import run_in_cuda_graph, skip_unless_available
 
 pytestmark = pytest.mark.gpu
 
@@ -144,26 +144,11 @@ def test_prepass_non_contiguous_x():
     check_prepass(x, *_statics(64, 2, seed=9), 6.0)
 
 
-def _captured(fn):
-    """fn() run once eagerly (warm-up), then captured in a CUDA graph and replayed: -> its output."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return out
-
-
 def test_prepass_in_cuda_graph():
     # No host synchronization in the op: it can be captured, and its replay gives the eager result.
     x = _x((16, 1000), torch.bfloat16, seed=10)
     mask, idx = _statics(1000, 6, seed=11)
-    out = _captured(lambda: lowbit.ops.int8_prepass(x, mask, idx, 6.0, backend="cuda"))
+    out = run_in_cuda_graph(lambda: lowbit.ops.int8_prepass(x, mask, idx, 6.0, backend="cuda"))
     expected = ref.prepass(x, mask, idx, 6.0)
     for name, a, e in zip(("xq", "row_scale", "col_flags", "x_static"), out, expected):
         assert_bits_equal(a, e, name)
@@ -294,7 +279,7 @@ def test_gemv_empty_shapes():
 def test_gemv_in_cuda_graph():
     layer = _layer(64, 256, torch.bfloat16, 2, seed=26, has_bias=True)
     x = _x((4, 256), torch.bfloat16, seed=27, scale=1.0)
-    assert_gemv_close(_captured(lambda: lowbit.ops.int8_gemv(x, *layer, backend="cuda")), x, *layer)
+    assert_gemv_close(run_in_cuda_graph(lambda: lowbit.ops.int8_gemv(x, *layer, backend="cuda")), x, *layer)
 
 
 def test_gemv_opcheck():

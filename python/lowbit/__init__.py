@@ -12,5 +12,6 @@ from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "int8", "nn", "ops", "quantize", "__version__",
+    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "int8", "nn", "ops", "quantize",
+    "__version__",
 ]
