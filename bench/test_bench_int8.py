@@ -33,15 +33,17 @@ def _minilm_linears(dtype, quick):
         yield name, linear.to(dtype).requires_grad_(False)
 
 
+@pytest.mark.parametrize("steady", [False, True], ids=["mixed", "steady"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_accuracy_minilm(dtype, quick):
+def test_accuracy_minilm(dtype, steady, quick):
     """Relative error against the exact product of the same 16-bit inputs, mean over the encoder's
-    linear layers, with activations carrying six outlier feature columns (about 25x the rest)."""
+    linear layers, with activations carrying six outlier feature columns (about 25x the rest):
+    "mixed" ones hold some small elements too, "steady" ones only large ones."""
     errors = {"lowbit": [], "lowbit_calibrated": [], "bitsandbytes_algorithm": [], "per_token_int8": [],
               "F.linear_16bit": []}
     for _, linear in _minilm_linears(dtype, quick):
-        x = outlier_activations(256, linear.in_features, seed=2, dtype=dtype)
-        calibration = outlier_activations(256, linear.in_features, seed=1, dtype=dtype)
+        x = outlier_activations(256, linear.in_features, seed=2, dtype=dtype, steady=steady)
+        calibration = outlier_activations(256, linear.in_features, seed=1, dtype=dtype, steady=steady)
         exact = x.float() @ linear.weight.float().T + linear.bias.float()
         errors["lowbit"].append(relative_error(Int8Linear.from_linear(linear)(x), exact))
         errors["lowbit_calibrated"].append(
@@ -52,7 +54,7 @@ def test_accuracy_minilm(dtype, quick):
     mean = {k: sum(v) / len(v) for k, v in errors.items()}
     harness.FACTS.append({"fact": "int8_relative_error", "model": "all-MiniLM-L6-v2 (encoder linears)",
                           "dtype": str(dtype).split(".")[1], "layers": len(errors["lowbit"]), "rows": 256,
-                          "outlier_columns": 6, **mean})
+                          "outlier_columns": 6, "outliers": "steady" if steady else "mixed", **mean})
     assert mean["lowbit_calibrated"] < mean["bitsandbytes_algorithm"] < mean["per_token_int8"]
 
 

@@ -37,13 +37,15 @@ def per_token_int8_linear(x: torch.Tensor, w: torch.Tensor, bias=None) -> torch.
 
 
 def outlier_activations(rows: int, in_features: int, *, columns: int = 6, scale: float = 25.0, seed: int = 0,
-                        dtype=torch.bfloat16) -> torch.Tensor:
-    """Activations like an LLM's: N(0, 1) with a few systematic outlier feature columns whose
-    magnitude is around ``scale`` in most rows."""
+                        dtype=torch.bfloat16, steady: bool = False) -> torch.Tensor:
+    """Activations like an LLM's: N(0, 1) with a few outlier feature columns whose magnitude is
+    around ``scale``: N(0, 1) times scale * U(0.5, 1.5), so that some of their elements fall below
+    the threshold; or with ``steady=True`` +-scale * U(0.5, 1.5), every element large."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, in_features, generator=g)
     cols = torch.randperm(in_features, generator=torch.Generator().manual_seed(1234))[:columns]
-    x[:, cols] *= scale * (0.5 + torch.rand(rows, columns, generator=g))
+    size = scale * (0.5 + torch.rand(rows, columns, generator=g))
+    x[:, cols] = size * (x[:, cols].sign() if steady else x[:, cols])
     return x.to(dtype)
 
 

@@ -32,10 +32,14 @@ def _exact(linear, x):
     return x.float() @ linear.weight.float().T + linear.bias.float()
 
 
+@pytest.mark.parametrize("steady", [True, False], ids=["steady", "mixed"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_matches_reference_and_is_as_accurate_as_bitsandbytes(dtype):
+def test_matches_reference_and_is_as_accurate_as_bitsandbytes(dtype, steady):
+    """Without calibration: as accurate as bitsandbytes' algorithm when the outlier features are
+    large in every row; within a few percent of it when some of their elements are small (the
+    row scales then cover those elements: docs/formats.md, "int8")."""
     linear = _minilm_linear(dtype)
-    x = outlier_activations(64, linear.in_features, dtype=dtype)
+    x = outlier_activations(64, linear.in_features, dtype=dtype, steady=steady)
     module = Int8Linear.from_linear(linear)
     y = module(x)
     w = module
@@ -45,7 +49,7 @@ def test_matches_reference_and_is_as_accurate_as_bitsandbytes(dtype):
     ours = relative_error(y, exact)
     bnb = relative_error(bnb_int8_linear(x, linear.weight, linear.bias), exact)
     plain = relative_error(per_token_int8_linear(x, linear.weight, linear.bias), exact)
-    assert ours <= bnb * 1.05, (ours, bnb)
+    assert ours <= bnb * (1.005 if steady else 1.05), (ours, bnb)
     assert ours < plain / 2, (ours, plain)  # the decomposition is what keeps the accuracy
 
 
