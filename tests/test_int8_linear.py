@@ -179,3 +179,18 @@ def test_quantize_with_calibration_finds_each_layers_outlier_features():
     assert model[2].static_idx.tolist() == [7]
     with pytest.raises(ValueError, match="calibration applies"):
         lowbit.quantize(nn.Sequential(nn.Linear(4, 4)), "dfloat", calibration=batches, progress=False)
+
+
+def test_load_refuses_what_is_not_an_int8_layer():
+    linear = _minilm_linear(torch.bfloat16)
+    module = Int8Linear.from_linear(linear, calibration=outlier_activations(16, 384))
+    good = module.state_dict()
+    with pytest.raises(RuntimeError, match="not int8"):
+        Int8Linear(384, 1536).load_state_dict(linear.state_dict(), strict=False)
+    for key, value, message in (
+        ("static_idx", torch.tensor([400] * good["static_idx"].numel(), dtype=torch.int32), "static_idx must be"),
+        ("static_idx", good["static_idx"].flip(0), "static_idx must be"),
+        ("static_weight", good["static_weight"][:, :1], "static_weight must be"),
+    ):
+        with pytest.raises(RuntimeError, match=message):
+            Int8Linear(384, 1536).load_state_dict({**good, key: value})

@@ -103,6 +103,10 @@ class Int8Linear(nn.Module):
                               error_msgs):
         if prefix + "SCB" in state_dict:
             self._from_bitsandbytes(state_dict, prefix, error_msgs)
+        problem = self._stored_problem(state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(f"{prefix}: {problem}")
+            return
         # The number of static columns is the stored one, not the empty module's.
         idx, kept = state_dict.get(prefix + "static_idx"), state_dict.get(prefix + "static_weight")
         if idx is not None and kept is not None:
@@ -112,6 +116,24 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         self._threshold = float(self.threshold)
+
+    def _stored_problem(self, state_dict, prefix) -> str | None:
+        """Why the stored tensors cannot be this module's, or None. Shapes of the fixed-size
+        buffers are left to load_state_dict's own checks."""
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype != torch.int8:
+            return (f"weight is {weight.dtype}, not int8: this is not an Int8Linear (or bitsandbytes 8-bit) state "
+                    "dict; quantize a float layer with Int8Linear.from_linear")
+        idx, kept = state_dict.get(prefix + "static_idx"), state_dict.get(prefix + "static_weight")
+        if idx is None or kept is None:
+            return None
+        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+            return f"static_idx must be a 1-D integer tensor, got {idx.dtype} of shape {list(idx.shape)}"
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.in_features or (idx[1:] <= idx[:-1]).any()):
+            return f"static_idx must be increasing columns in [0, {self.in_features}), got {idx.tolist()[:16]}"
+        if list(kept.shape) != [self.out_features, idx.numel()]:
+            return f"static_weight must be [{self.out_features}, {idx.numel()}], got {list(kept.shape)}"
+        return None
 
     def _from_bitsandbytes(self, state_dict, prefix, error_msgs) -> None:
         """Rewrite bitsandbytes' keys (in the copy load_state_dict works on) into this module's."""
