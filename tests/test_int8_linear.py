@@ -194,3 +194,22 @@ def test_load_refuses_what_is_not_an_int8_layer():
     ):
         with pytest.raises(RuntimeError, match=message):
             Int8Linear(384, 1536).load_state_dict({**good, key: value})
+
+
+def test_load_with_assign_into_a_meta_module():
+    module = Int8Linear.from_linear(_minilm_linear(torch.bfloat16), calibration=outlier_activations(16, 384))
+    with torch.device("meta"):
+        empty = Int8Linear(384, 1536)
+    empty.load_state_dict(module.state_dict(), assign=True)
+    x = outlier_activations(4, 384, seed=6)
+    assert empty.static_mask.device.type == "cpu" and torch.equal(empty(x), module(x))
+
+
+def test_cpu_path_under_inference_mode():
+    with torch.inference_mode():
+        module = Int8Linear.from_linear(_minilm_linear(torch.bfloat16))
+        x = outlier_activations(5, 384, seed=7)
+        y = module(x)
+    want = ref.linear(x, module.weight, module.weight_scale, module.static_mask, module.static_idx,
+                      module.static_weight, module.bias, 6.0)
+    torch.testing.assert_close(y.float(), want.float(), rtol=torch.finfo(torch.bfloat16).eps, atol=1e-4)

@@ -427,3 +427,18 @@ def test_cuda_graph_replay():
     assert not torch.equal(eager[0], again[0])
     for got, want in zip(captured, again):
         assert torch.equal(got, want)
+
+
+def test_static_columns_out_of_range_give_nan_not_a_stray_read(device):
+    # The ops cannot check column indices on the GPU without a host synchronization; the kernels
+    # then never read outside the row and give NaN for such a column, as the CUDA kernels do.
+    x = torch.randn(3, 20, dtype=torch.bfloat16, device=device)
+    idx = torch.tensor([2, 25], dtype=torch.int32, device=device)
+    mask = torch.zeros(20, dtype=torch.uint8, device=device)
+    _, _, _, x_static = lowbit.ops.int8_prepass(x, mask, idx, 6.0, backend="triton")
+    assert torch.equal(x_static[:, 0], x[:, 2]) and bool(x_static[:, 1].isnan().all())
+    weight = torch.ones(4, 20, dtype=torch.int8, device=device)
+    scale = torch.ones(4, device=device)
+    static_weight = torch.ones(4, 2, dtype=torch.bfloat16, device=device)
+    y = lowbit.ops.int8_gemv(x, weight, scale, idx, static_weight, None, backend="triton")
+    assert bool(y.isnan().all())

@@ -136,7 +136,8 @@ def _int8_prepass_kernel(
     for s0 in range(0, S, BLOCK_S):
         s_mask = s0 + offs_s < S
         idx = tl.load(static_idx_ptr + s0 + offs_s, mask=s_mask, other=0)
-        xs = tl.load(x_row + idx, mask=s_mask)
+        inside = (idx >= 0) & (idx < K)  # a column out of range (never read) gives NaN, as on CUDA
+        xs = tl.load(x_row + idx, mask=s_mask & inside, other=float("nan"))
         tl.store(x_static_ptr + m * stride_sm + s0 + offs_s, xs, mask=s_mask)
 
 
@@ -381,7 +382,9 @@ def _int8_gemv_kernel(
     for s0 in range(0, S, BLOCK_S):
         s = s0 + offs_s
         idx = tl.load(static_idx_ptr + s, mask=s < S, other=0)
-        xs = tl.load(rows_x + idx[None, :], mask=m_mask[:, None] & (s[None, :] < S), other=0.0)
+        inside = (idx >= 0) & (idx < K)  # a column out of range (never read) gives NaN, as on CUDA
+        xs = tl.load(rows_x + idx[None, :], mask=m_mask[:, None] & (s[None, :] < S) & inside[None, :], other=0.0)
+        xs = tl.where(inside[None, :] | (s[None, :] >= S), xs, float("nan"))
         sw = tl.load(static_weight_ptr + offs_n[None, :].to(tl.int64) * S + s[:, None],
                      mask=(s[:, None] < S) & n_mask[None, :], other=0.0)
         y = _dot(xs, sw, y, DOT_FP32, PRECISION)

@@ -516,7 +516,7 @@ _define(
     {
         "reference": _ref_int8.linear,
         "cpu": _int8_linear_via("cpu", "cpu"),
-        "cuda": _int8_linear_via("cuda", "triton"),
+        "cuda": _int8_linear_via("cuda", "auto"),  # the GEMM: Triton, else the reference
         "triton": _int8_linear_via("triton", "triton"),
     },
     native=(),

@@ -111,10 +111,16 @@ class Int8Linear(nn.Module):
         idx, kept = state_dict.get(prefix + "static_idx"), state_dict.get(prefix + "static_weight")
         if idx is not None and kept is not None:
             device = self.weight.device
-            self._set_weight(Int8Weight(self.weight, self.weight_scale, idx.to(device=device, dtype=torch.int32),
+            # Buffers of the stored sizes, which the default copy below fills.
+            self._set_weight(Int8Weight(self.weight, self.weight_scale,
+                                        torch.zeros(idx.shape, dtype=torch.int32, device=device),
                                         torch.empty(kept.shape, dtype=self.static_weight.dtype, device=device)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        # The mask follows the loaded columns, on the device the weight now has (assign=True moves it).
+        mask = torch.zeros(self.in_features, dtype=torch.uint8, device=self.weight.device)
+        mask[self.static_idx.to(self.weight.device).long()] = 1
+        self.static_mask = mask
         self._threshold = float(self.threshold)
 
     def _stored_problem(self, state_dict, prefix) -> str | None:

@@ -2,7 +2,7 @@
 
 A layer y = x W^T + b is stored as (docs/formats.md, "int8"):
 
-- ``weight`` int8 [out, in]: round(W / weight_scale[:, None]), zero in the static columns;
+- ``weight`` int8 [out, in]: round(W * (127 / absmax)[:, None]), zero in the static columns;
 - ``weight_scale`` fp32 [out]: absmax of each row of W over the non-static columns, / 127;
 - ``static_idx`` int32 [S] (sorted) and ``static_weight`` [out, S] (16-bit): the input columns
   chosen as outlier features ahead of time (from calibration inputs), whose weight columns are kept
@@ -51,7 +51,7 @@ def _round_to_int8(v: torch.Tensor) -> torch.Tensor:
 
 def _inverse_scale(absmax: torch.Tensor) -> torch.Tensor:
     """127 / absmax as one fp32 division (``127 / tensor`` in PyTorch multiplies by a reciprocal,
-    which rounds differently)."""
+    and so does ``tensor / 127`` on CUDA; both round differently)."""
     return torch.full_like(absmax, QMAX) / absmax
 
 
@@ -65,7 +65,7 @@ def quantize_weight(weight: torch.Tensor, static_idx: torch.Tensor | None = None
     static = static_mask(static_idx, in_features, w.device)
     w_int = w.masked_fill(static, 0.0)
     absmax = w_int.abs().amax(dim=1) if in_features else w.new_zeros(out_features)
-    scale = absmax / QMAX
+    scale = absmax / torch.full_like(absmax, QMAX)  # a true division on every device
     q = _round_to_int8(w_int * _inverse_scale(absmax)[:, None])
     idx = _index(static_idx, w.device)
     return q, scale, weight.detach()[:, idx].clone()
@@ -110,7 +110,7 @@ def prepass(x: torch.Tensor, static_mask: torch.Tensor, static_idx: torch.Tensor
     outlier = _outliers(x, static_mask, threshold)
     x_int = xf.masked_fill(outlier | static_mask.bool()[None, :], 0.0)
     absmax = x_int.abs().amax(dim=1) if x.shape[1] else xf.new_zeros(x.shape[0])
-    row_scale = absmax / QMAX
+    row_scale = absmax / torch.full_like(absmax, QMAX)
     xq = _round_to_int8(x_int * _inverse_scale(absmax)[:, None])
     col_flags = outlier.any(dim=0).to(torch.uint8)
     return xq, row_scale, col_flags, x[:, static_idx.long()].clone()
