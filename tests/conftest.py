@@ -39,6 +39,15 @@ def skip_unless_available(backend: str, device: str) -> None:
         pytest.skip(why)
 
 
+def param_id(value) -> str:
+    """A test id for a parameter: dtypes without "torch.", shapes as 3x7."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
 def run_in_cuda_graph(fn):
     """fn() run once eagerly (warm-up), then captured in a CUDA graph and replayed: -> its output."""
     side = torch.cuda.Stream()

@@ -21,7 +21,7 @@ import lowbit
 from lowbit.errors import FormatError
 from lowbit.reference import dfloat as ref
 
-from conftest import run_in_cuda_graph, skip_unless_available
+from conftest import param_id, run_in_cuda_graph, skip_unless_available
 
 pytestmark = pytest.mark.gpu
 
@@ -31,14 +31,6 @@ INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float
 # gives groups that are not whole warps of windows; 256 / 128 is the default.
 CONFIGS = [(32, 2), (64, 4), (96, 33), (256, 128)]
 SIZES = [1, 7, 97, 1025, 4096 * 33 + 5]
-
-
-def _id(value) -> str:
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return str(value)
 
 
 @pytest.fixture(autouse=True)
@@ -121,9 +113,9 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # ---- decode ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=_id)
-@pytest.mark.parametrize("n", SIZES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("config", CONFIGS, ids=param_id)
+@pytest.mark.parametrize("n", SIZES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_decode_matches_reference(dtype, n, config):
     enc = encode(_weights(n, dtype, seed=n), *config)
     out = enc.decode()
@@ -132,8 +124,8 @@ def test_decode_matches_reference(dtype, n, config):
     assert_bits_equal(out, enc.original)
 
 
-@pytest.mark.parametrize("config", [(64, 4), (256, 128)], ids=_id)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("config", [(64, 4), (256, 128)], ids=param_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
 def test_decode_every_16bit_pattern(dtype, config):
     # NaN payloads, +-Inf, -0.0, subnormals: the bits pass through untouched.
     t = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
@@ -141,7 +133,7 @@ def test_decode_every_16bit_pattern(dtype, config):
     assert_bits_equal(enc.decode(), t)
 
 
-@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=_id)
+@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=param_id)
 def test_decode_random_fp32_bit_patterns(config):
     g = torch.Generator().manual_seed(5)
     t = torch.randint(-(1 << 31), (1 << 31) - 1, (50_000,), generator=g, dtype=torch.int64).to(torch.int32)
@@ -150,15 +142,15 @@ def test_decode_random_fp32_bit_patterns(config):
     assert_bits_equal(enc.decode(), t)
 
 
-@pytest.mark.parametrize("config", [(64, 4), (256, 128)], ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("config", [(64, 4), (256, 128)], ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_decode_dense_blocks_overflow_staging(dtype, config):
     t = _skewed(200_000, dtype)
     enc = encode(t, *config)
     assert_bits_equal(enc.decode(), t)
 
 
-@pytest.mark.parametrize("config", [(256, 1024), (64, 1000), (32, 1)], ids=_id)
+@pytest.mark.parametrize("config", [(256, 1024), (64, 1000), (32, 1)], ids=param_id)
 def test_decode_windows_per_block_extremes(config):
     t = _weights(300_001, torch.bfloat16, seed=3)
     enc = encode(t, *config)
@@ -248,7 +240,7 @@ def _corrupted(enc: Encoded, what: str) -> dict:
 CORRUPTIONS = ["no_code", "long_codes", "block_start", "block_starts", "gap", "gaps", "code_byte", "codes"]
 
 
-@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=_id)
+@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=param_id)
 @pytest.mark.parametrize("what", CORRUPTIONS)
 def test_decode_rejects_corrupted_stream(what, config):
     enc = encode(_weights((97, 33), torch.bfloat16, seed=6), *config)
@@ -258,7 +250,7 @@ def test_decode_rejects_corrupted_stream(what, config):
     assert_bits_equal(enc.decode().reshape(97, 33), enc.original)
 
 
-@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=_id)
+@pytest.mark.parametrize("config", [(32, 2), (256, 128)], ids=param_id)
 @pytest.mark.parametrize("what", CORRUPTIONS)
 def test_gemv_corrupted_stream_gives_nan(what, config):
     # A forward pass never waits for the host: the flag turns the whole output into NaN on the device.
@@ -301,8 +293,8 @@ GEMV_SHAPES = [(1, 1), (7, 9), (33, 64), (97, 24), (5, 1000), (64, 4104), (300, 
 
 @pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("batch", [1, 3, 8], ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_gemv_matches_reference(dtype, shape, batch, has_bias):
     out_features, in_features = shape
     config = CONFIGS[(out_features + batch) % len(CONFIGS)]
@@ -327,7 +319,7 @@ def test_gemv_batches_over_8(batch):
     assert_gemv_close(enc.gemv(x), x, w, None, expected)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_gemv_dense_blocks_overflow_staging(dtype):
     w = _skewed((256, 512), dtype, seed=11)
     enc = encode(w, 64, 4)

@@ -18,7 +18,7 @@ from torch.library import opcheck
 import lowbit
 from lowbit.reference import int8 as ref
 
-from conftest import run_in_cuda_graph, skip_unless_available
+from conftest import param_id, run_in_cuda_graph, skip_unless_available
 
 pytestmark = pytest.mark.gpu
 
@@ -28,14 +28,6 @@ INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float
 # (rows, in_features): odd sizes take the kernel's element-wise path, multiples of 8 / 4 the vector
 # one; 40000 needs more than one pass over a row with 16-bit x (32768 elements per pass) and fp32.
 PREPASS_SHAPES = [(1, 1), (3, 7), (16, 97), (5, 1025), (33, 4096), (4, 4104), (2, 40000), (0, 16), (3, 0)]
-
-
-def _id(value) -> str:
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, tuple):
-        return "x".join(map(str, value))
-    return str(value)
 
 
 @pytest.fixture(autouse=True)
@@ -81,14 +73,14 @@ def check_prepass(x, static_mask, static_idx, threshold):
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0], ids=lambda t: f"t{t:g}")
 @pytest.mark.parametrize("statics", [0, 5], ids=lambda s: f"S{s}")
-@pytest.mark.parametrize("shape", PREPASS_SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", PREPASS_SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_prepass_matches_reference(dtype, shape, statics, threshold):
     x = _x(shape, dtype, seed=shape[0] * 31 + shape[1])
     check_prepass(x, *_statics(shape[1], statics, seed=shape[1]), threshold)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_prepass_large(dtype):
     x = _x((4096, 4096), dtype, seed=1)
     xq, row_scale, col_flags, x_static = check_prepass(x, *_statics(4096, 20, seed=2), 6.0)
@@ -96,7 +88,7 @@ def test_prepass_large(dtype):
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0], ids=lambda t: f"t{t:g}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_prepass_nan_inf_rows(dtype, threshold):
     # NaN gives its row a NaN scale and zeros; Inf is an outlier at t = 6, an int element (an Inf
     # scale, so zeros) at t = 0; rows of zeros, of outliers only, of -0.0; other rows unaffected.
@@ -112,7 +104,7 @@ def test_prepass_nan_inf_rows(dtype, threshold):
     assert bool(row_scale[0].isnan()) and not bool(row_scale[7].isnan())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_prepass_threshold_in_fp32(dtype):
     # |x| is compared with the threshold in fp32, not in x's dtype: 6.01 is not 6.0 (as it is in
     # bf16), 5.99 rounds to 6.0 in bf16 and is then an outlier at 6.0; 1e-50 is 0 in fp32, which
@@ -131,7 +123,7 @@ def test_prepass_static_columns_unsorted_and_repeated():
     check_prepass(x, mask, idx, 1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_id)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=param_id)
 def test_prepass_x_at_odd_offset(dtype):
     base = _x(6 * 64 + 1, dtype, seed=6)
     x = base[1:].view(6, 64)
@@ -217,8 +209,8 @@ GEMV_SHAPES = [(1, 8), (7, 64), (33, 96), (97, 24), (5, 1000), (64, 4104), (300,
 @pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("statics", [0, 3], ids=lambda s: f"S{s}")
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 13, 16], ids=lambda m: f"M{m}")
-@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=_id)
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=param_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_gemv_matches_reference(dtype, shape, rows, statics, has_bias):
     out_features, in_features = shape
     layer = _layer(out_features, in_features, dtype, statics, seed=out_features * 7 + in_features, has_bias=has_bias)
@@ -235,7 +227,7 @@ def test_gemv_batches_over_16(rows):
     assert_gemv_close(lowbit.ops.int8_gemv(x, *layer, backend="cuda"), x, *layer)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
 def test_gemv_llama_shape(dtype):
     layer = _layer(4096, 4096, dtype, 8, seed=17, has_bias=False)
     for rows in (1, 16):
