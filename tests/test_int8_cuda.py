@@ -191,7 +191,8 @@ def assert_gemv_close(y, x, weight, weight_scale, static_idx, static_weight, bia
     expected = ref.gemv(x, weight, weight_scale, static_idx, static_weight, bias)
     assert y.dtype == expected.dtype == x.dtype and y.shape == expected.shape
     x_static = x[:, static_idx.long()].float()
-    scale = (x.float().abs() @ weight.float().abs().T) * weight_scale.abs() + x_static.abs() @ static_weight.float().abs().T
+    scale = ((x.float().abs() @ weight.float().abs().T) * weight_scale.abs()
+             + x_static.abs() @ static_weight.float().abs().T)
     if bias is not None:
         scale = scale + bias.float().abs()
     tol = 4 * torch.finfo(x.dtype).eps * scale + torch.finfo(x.dtype).tiny
