@@ -198,14 +198,14 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_sca
   const cpu::int8::Side stat{stat_x.const_data_ptr<float>(), stat_w.const_data_ptr<float>(), stat_x.size(1)};
   dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
     using T = typename decltype(type)::type;
+    const auto run = [&](auto* acc_ptr) {
+      cpu::int8::epilogue(acc_ptr, M, N, row.const_data_ptr<float>(), weight_scale.const_data_ptr<float>(), dyn,
+                          stat, ptr_or_null<T>(bias), y.data_ptr<T>());
+    };
     if (acc.scalar_type() == at::kInt) {
-      cpu::int8::epilogue<int32_t, T>(acc.const_data_ptr<int32_t>(), M, N, row.const_data_ptr<float>(),
-                                      weight_scale.const_data_ptr<float>(), dyn, stat, ptr_or_null<T>(bias),
-                                      y.data_ptr<T>());
+      run(acc.const_data_ptr<int32_t>());
     } else {
-      cpu::int8::epilogue<float, T>(acc.const_data_ptr<float>(), M, N, row.const_data_ptr<float>(),
-                                    weight_scale.const_data_ptr<float>(), dyn, stat, ptr_or_null<T>(bias),
-                                    y.data_ptr<T>());
+      run(acc.const_data_ptr<float>());
     }
   });
   return y;

@@ -7,7 +7,7 @@ from torch import nn
 
 from lowbit import ops
 from lowbit.int8.format import Int8Weight, quantize_linear, static_columns
-from lowbit.reference.int8 import DTYPES, QMAX
+from lowbit.reference.int8 import DTYPES, QMAX, static_mask
 
 # bitsandbytes' Linear8bitLt state dicts: weight (int8 "CB"), SCB (fp32 row absmax), weight_format.
 _BNB_ROW_FORMAT = 0
@@ -85,9 +85,11 @@ class Int8Linear(nn.Module):
     def _set_weight(self, weight: Int8Weight) -> None:
         for name in ("weight", "weight_scale", "static_idx", "static_weight"):
             self.register_buffer(name, getattr(weight, name))
-        mask = torch.zeros(self.in_features, dtype=torch.uint8, device=weight.weight.device)
-        mask[weight.static_idx.long()] = 1
-        self.register_buffer("static_mask", mask, persistent=False)
+        self.register_buffer("static_mask", self._mask_of(weight.static_idx, weight.weight.device), persistent=False)
+
+    def _mask_of(self, static_idx: torch.Tensor, device) -> torch.Tensor:
+        """uint8 [in_features]: 1 at the static columns (derived, not saved)."""
+        return static_mask(static_idx.to(device), self.in_features, device).to(torch.uint8)
 
     def _apply(self, fn, recurse=True):
         # A dtype change (module.half()) must not touch the fp32 scales; devices still follow.
@@ -118,9 +120,7 @@ class Int8Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # The mask follows the loaded columns, on the device the weight now has (assign=True moves it).
-        mask = torch.zeros(self.in_features, dtype=torch.uint8, device=self.weight.device)
-        mask[self.static_idx.to(self.weight.device).long()] = 1
-        self.static_mask = mask
+        self.static_mask = self._mask_of(self.static_idx, self.weight.device)
         self._threshold = float(self.threshold)
 
     def _stored_problem(self, state_dict, prefix) -> str | None:
