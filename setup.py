@@ -50,14 +50,17 @@ def extensions():
 
     # No fused multiply-add contraction: kernels round at the steps their spec names (int8 quantization).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
-    sources = _sources("csrc/bindings.cpp", "csrc/cpu/*.cpp")
+    cuda_glue = _sources("csrc/bindings/*_cuda.cpp")
+    # Each family adds its files here by their names alone: csrc/bindings/<family>[_cuda].cpp,
+    # csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu.
+    sources = [s for s in _sources("csrc/bindings/*.cpp") if s not in cuda_glue] + _sources("csrc/cpu/*.cpp")
     off = _cuda_reason_off(torch)
     if off is None:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         print(f"lowbit: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension(
             "lowbit._C",
-            sources + _sources("csrc/bindings_cuda.cpp", "csrc/cuda/*.cu"),
+            sources + cuda_glue + _sources("csrc/cuda/*.cu"),
             include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": cxx + ["-DLOWBIT_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo", "-DLOWBIT_WITH_CUDA"]},
             extra_link_args=["-fopenmp"],

@@ -32,13 +32,31 @@ def test_environment_variable_is_the_default(monkeypatch):
 
 
 def test_environment_variable_reaches_the_kernel(monkeypatch):
-    calls = []
-    impls = lowbit.backend._IMPLS["pack_bits"]
-    original = impls["reference"]
-    monkeypatch.setitem(impls, "reference", lambda *a: calls.append(a) or original(*a))
     monkeypatch.setenv("LOWBIT_BACKEND", "reference")
-    lowbit.ops.pack_bits(torch.zeros(3, dtype=torch.uint8), 2)
-    assert len(calls) == 1
+    assert lowbit.ops.op("pack_bits", None, "cpu") is torch.ops.lowbit.pack_bits_reference.default
+    monkeypatch.delenv("LOWBIT_BACKEND")
+    skip_unless_available("cpu", "cpu")
+    assert lowbit.ops.op("pack_bits", None, "cpu") is torch.ops.lowbit.pack_bits.default
+
+
+def test_every_op_has_one_registered_op_per_backend():
+    """A backend name means the same on every op: lowbit::<op> is native, <op>_triton Triton,
+    <op>_reference the reference; each has the same schema."""
+    for name, spec in lowbit.ops.definitions().items():
+        native = getattr(torch.ops.lowbit, name).default._schema
+        reference = getattr(torch.ops.lowbit, f"{name}_reference").default._schema
+        assert str(reference).replace(f"{name}_reference", name) == str(native)
+        assert set(lowbit.ops.implementations(name)) <= {"cuda", "triton", "cpu", "reference"}
+        if spec.triton:
+            assert "triton" in lowbit.ops.implementations(name)
+
+
+def test_auto_falls_back_where_a_backend_lacks_the_op():
+    # dfloat_gemv has no CPU kernel and int8_linear no CUDA one: auto picks the next that has it.
+    assert lowbit.ops.resolve("dfloat_gemv", "auto", "cpu") == "reference"
+    with pytest.raises(BackendUnavailableError, match="has no 'cpu' implementation"):
+        lowbit.ops.resolve("dfloat_gemv", "cpu", "cpu")
+    assert "cuda" not in lowbit.ops.implementations("int8_linear")
 
 
 def test_unknown_backend_names_the_source(monkeypatch):
@@ -91,6 +109,10 @@ def test_import_and_fallbacks_without_the_extension():
             lowbit.ops.pack_bits(v, 4, backend="cpu")
         except lowbit.BackendUnavailableError as e:
             print("ERROR:", e)
+        try:
+            torch.ops.lowbit.pack_bits(v, 4)
+        except lowbit.BackendUnavailableError as e:
+            print("NATIVE:", e)
         """,
         LOWBIT_DISABLE_NATIVE="1",
         TRITON_INTERPRET="1",
@@ -99,6 +121,7 @@ def test_import_and_fallbacks_without_the_extension():
     assert "RESOLVED: reference" in result.stdout
     assert "needs the compiled extension: disabled by LOWBIT_DISABLE_NATIVE" in result.stdout
     assert "pip install --no-build-isolation -e ." in result.stdout
+    assert "NATIVE: lowbit::pack_bits: backend 'cpu' needs the compiled extension" in result.stdout
 
 
 def test_available_reports_every_backend():

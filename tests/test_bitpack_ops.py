@@ -9,6 +9,14 @@ from lowbit.reference import bitpack as ref
 
 from conftest import skip_unless_available
 
+
+def _opcheck_utils(backend: str, device) -> tuple[str, ...]:
+    """opcheck's checks for a backend. Under Triton's interpreter (CPU tensors) a kernel reads real
+    data, so AOT dispatch, which runs the kernel on fake tensors, is checked on GPUs only."""
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    return utils[:-1] if backend == "triton" and torch.device(device).type == "cpu" else utils
+
+
 BITS = (1, 2, 4, 8)
 SHAPES = [(1,), (7,), (97,), (3, 1025), (2, 3, 5), (1, 4099), (0,), (4, 0), (0, 9)]
 
@@ -73,17 +81,17 @@ def test_opcheck(backend_device, op):
     backend, device = backend_device
     values = _values((5, 19), 4, device, seed=3)
     if op == "pack":
-        opcheck(torch.ops.lowbit.pack_bits.default, (values, 4, backend))
+        opcheck(lowbit.ops.op("pack_bits", backend, device), (values, 4), test_utils=_opcheck_utils(backend, device))
     else:
         packed = ref.pack_bits(values.cpu(), 4).to(device)
-        opcheck(torch.ops.lowbit.unpack_bits.default, (packed, 4, 19, backend))
+        opcheck(lowbit.ops.op("unpack_bits", backend, device), (packed, 4, 19), test_utils=_opcheck_utils(backend, device))
 
 
 def test_opcheck_native_ops():
     skip_unless_available("cpu", "cpu")
     values = _values((6, 11), 2, "cpu")
-    opcheck(torch.ops.lowbit._pack_bits_native.default, (values, 2))
-    opcheck(torch.ops.lowbit._unpack_bits_native.default, (ref.pack_bits(values, 2), 2, 11))
+    opcheck(torch.ops.lowbit.pack_bits.default, (values, 2))
+    opcheck(torch.ops.lowbit.unpack_bits.default, (ref.pack_bits(values, 2), 2, 11))
 
 
 def test_torch_compile_fullgraph():
@@ -115,7 +123,7 @@ def test_bad_arguments_name_the_argument(backend):
 
 def test_native_op_checks_its_own_arguments():
     skip_unless_available("cpu", "cpu")
-    with pytest.raises(RuntimeError, match="bits must be one of 1, 2, 4, 8, got 5"):
-        torch.ops.lowbit._pack_bits_native(torch.zeros(3, dtype=torch.uint8), 5)
-    with pytest.raises(RuntimeError, match="packed has 3 bytes"):
-        torch.ops.lowbit._unpack_bits_native(torch.zeros(3, dtype=torch.uint8), 2, 4)
+    with pytest.raises(ValueError, match="bits must be one of 1, 2, 4, 8, got 5"):
+        torch.ops.lowbit.pack_bits(torch.zeros(3, dtype=torch.uint8), 5)
+    with pytest.raises(ValueError, match="packed has 3 bytes"):
+        torch.ops.lowbit.unpack_bits(torch.zeros(3, dtype=torch.uint8), 2, 4)

@@ -192,13 +192,12 @@ def test_decompress_on_cuda():
 def test_decode_opcheck():
     enc = encode(_weights(777, torch.bfloat16, seed=7), 64, 4)
     args = (*enc.stream, enc.n, torch.bfloat16, enc.total_bits, 64, 4)
-    opcheck(torch.ops.lowbit.dfloat_decode.default, (*args, "cuda"))
-    opcheck(torch.ops.lowbit._dfloat_decode_native.default, args)
+        opcheck(torch.ops.lowbit.dfloat_decode.default, args)
 
 
 def test_decode_checks_its_arguments():
     enc = encode(_weights(100, torch.bfloat16), 64, 4)
-    native = torch.ops.lowbit._dfloat_decode_native
+    native = torch.ops.lowbit.dfloat_decode
     with pytest.raises(RuntimeError, match="windows_per_block must be <= 1024"):
         # A stream shaped for 2048 windows per block: one block.
         native(enc.codes, enc.raw, enc.gaps, enc.block_starts[[0, -1]], enc.table, enc.n, torch.bfloat16,
@@ -367,8 +366,7 @@ def test_gemv_opcheck():
     x = torch.randn(3, 40, dtype=torch.float16, device="cuda")
     bias = torch.randn(12, dtype=torch.float16, device="cuda")
     args = (x, *enc.stream, 12, enc.total_bits, 64, 4, bias)
-    opcheck(torch.ops.lowbit.dfloat_gemv.default, (*args, "cuda"))
-    opcheck(torch.ops.lowbit._dfloat_gemv_native.default, args)
+        opcheck(torch.ops.lowbit.dfloat_gemv.default, args)
 
 
 @pytest.fixture(scope="module")

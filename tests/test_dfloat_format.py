@@ -176,7 +176,7 @@ def test_fuzzed_streams_never_crash_the_cpu_decoder():
                 i = int(torch.randint(0, flat.numel(), (1,), generator=g))
                 flat[i] = int(torch.randint(0, 256, (1,), generator=g))
         try:
-            out = torch.ops.lowbit._dfloat_decode_native(codes, raw, gaps, starts, table, n, torch.bfloat16,
+            out = torch.ops.lowbit.dfloat_decode(codes, raw, gaps, starts, table, n, torch.bfloat16,
                                                          d.total_bits, d.window_bits, d.windows_per_block)
             assert out.shape == (n,)
         except (ValueError, RuntimeError) as exc:
@@ -199,15 +199,15 @@ def test_decode_errors_name_the_problem():
 def test_opcheck_decode(backend):
     skip_unless_available(backend, "cpu")
     d = compress(minilm_weight()[:4].to(torch.bfloat16), window_bits=64, windows_per_block=2)
-    opcheck(torch.ops.lowbit.dfloat_decode.default,
-            (*d.stream_args(), d.numel(), d.dtype, d.total_bits, d.window_bits, d.windows_per_block, backend))
+    opcheck(lowbit.ops.op("dfloat_decode", backend, "cpu"),
+            (*d.stream_args(), d.numel(), d.dtype, d.total_bits, d.window_bits, d.windows_per_block))
 
 
 def test_opcheck_gemv_reference():
     d = compress(minilm_weight()[:24].to(torch.float32), window_bits=64, windows_per_block=2)
     x = torch.randn(3, 384)
-    opcheck(torch.ops.lowbit.dfloat_gemv.default,
-            (x, *d.stream_args(), 24, d.total_bits, d.window_bits, d.windows_per_block, None, "reference"))
+    opcheck(lowbit.ops.op("dfloat_gemv", "reference", "cpu"),
+            (x, *d.stream_args(), 24, d.total_bits, d.window_bits, d.windows_per_block, None))
 
 
 def test_native_encoder_refuses_inconsistent_code_tables():
@@ -219,8 +219,8 @@ def test_native_encoder_refuses_inconsistent_code_tables():
     lengths = ref.code_lengths(counts)
     total = int((counts * lengths.long()).sum())
     with pytest.raises(ValueError, match="total_bits disagrees"):
-        torch.ops.lowbit._dfloat_encode_native(x, lengths, codewords(lengths), total - 1, 256, 128)
+        torch.ops.lowbit.dfloat_encode(x, lengths, codewords(lengths), total - 1, 256, 128)
     missing = lengths.clone()
     missing[int(counts.argmax())] = 0
     with pytest.raises(ValueError, match="has no code"):
-        torch.ops.lowbit._dfloat_encode_native(x, missing, codewords(lengths), total, 256, 128)
+        torch.ops.lowbit.dfloat_encode(x, missing, codewords(lengths), total, 256, 128)

@@ -149,12 +149,11 @@ def test_prepass_in_cuda_graph():
 def test_prepass_opcheck():
     x = _x((5, 40), torch.float16, seed=12)
     mask, idx = _statics(40, 3, seed=13)
-    opcheck(torch.ops.lowbit.int8_prepass.default, (x, mask, idx, 6.0, "cuda"))
-    opcheck(torch.ops.lowbit._int8_prepass_native.default, (x, mask, idx, 6.0))
+        opcheck(torch.ops.lowbit.int8_prepass.default, (x, mask, idx, 6.0))
 
 
 def test_prepass_native_checks_its_arguments():
-    native = torch.ops.lowbit._int8_prepass_native
+    native = torch.ops.lowbit.int8_prepass
     x = _x((3, 16), torch.bfloat16, seed=14)
     mask, idx = _statics(16, 2)
     with pytest.raises(TypeError, match="x must be bfloat16"):
@@ -245,7 +244,7 @@ def test_gemv_x_and_weight_at_odd_offsets():
     wbase = torch.zeros(16 * 64 + 3, dtype=torch.int8, device="cuda")
     wbase[3:] = layer[0].reshape(-1)
     layer[0] = wbase[3:].view(16, 64)
-    assert_gemv_close(torch.ops.lowbit._int8_gemv_native(x, *layer), x, *layer)
+    assert_gemv_close(torch.ops.lowbit.int8_gemv(x, *layer), x, *layer)
 
 
 def test_gemv_nan_row():
@@ -278,12 +277,11 @@ def test_gemv_in_cuda_graph():
 def test_gemv_opcheck():
     layer = _layer(12, 40, torch.float16, 2, seed=28, has_bias=True)
     x = _x((3, 40), torch.float16, seed=29, scale=1.0)
-    opcheck(torch.ops.lowbit.int8_gemv.default, (x, *layer, "cuda"))
-    opcheck(torch.ops.lowbit._int8_gemv_native.default, (x, *layer))
+        opcheck(torch.ops.lowbit.int8_gemv.default, (x, *layer))
 
 
 def test_gemv_native_checks_its_arguments():
-    native = torch.ops.lowbit._int8_gemv_native
+    native = torch.ops.lowbit.int8_gemv
     weight, weight_scale, idx, static_weight, bias = _layer(8, 32, torch.bfloat16, 2, seed=30, has_bias=True)
     x = _x((2, 32), torch.bfloat16, seed=31, scale=1.0)
     with pytest.raises(ValueError, match="weight must be int8"):

@@ -146,8 +146,10 @@ def test_bad_input_names_the_argument():
     module = Int8Linear.from_linear(_minilm_linear(torch.bfloat16))
     with pytest.raises(ValueError, match="in_features = 384"):
         module(torch.zeros(2, 383, dtype=torch.bfloat16))
-    with pytest.raises(TypeError, match="input must be"):
+    with pytest.raises(TypeError, match="input is int32 but Int8Linear computes in bfloat16"):
         module(torch.zeros(2, 384, dtype=torch.int32))
+    with pytest.raises(TypeError, match="input is float32 but Int8Linear computes in bfloat16"):
+        module(torch.zeros(2, 384))
     with pytest.raises(TypeError, match="linear must be"):
         Int8Linear.from_linear(nn.Conv1d(3, 3, 1))
     with pytest.raises(ValueError, match="static columns"):

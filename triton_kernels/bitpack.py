@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from lowbit.ops._contract import finish_triton
+from lowbit.ops.bitpack import check_pack, check_unpack
 
 _BLOCK = 1024
 
@@ -71,7 +75,7 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     total = packed.numel()
     if total:
         grid = (triton.cdiv(total, _BLOCK),)
-        _pack_bits_kernel[grid](values, packed, total, n, nbytes, BITS=bits, PER_BYTE=per_byte, BLOCK=_BLOCK)
+        wrap_triton(_pack_bits_kernel)[grid](values, packed, total, n, nbytes, BITS=bits, PER_BYTE=per_byte, BLOCK=_BLOCK)
     return packed
 
 
@@ -82,7 +86,23 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     total = values.numel()
     if total:
         grid = (triton.cdiv(total, _BLOCK),)
-        _unpack_bits_kernel[grid](
+        wrap_triton(_unpack_bits_kernel)[grid](
             packed, values, total, n, packed.shape[-1], BITS=bits, PER_BYTE=per_byte, BLOCK=_BLOCK
         )
     return values
+
+
+@triton_op("lowbit::pack_bits_triton", mutates_args=())
+def _pack_bits_op(values: torch.Tensor, bits: int) -> torch.Tensor:
+    check_pack(values, bits)
+    return pack_bits(values.contiguous(), bits)
+
+
+@triton_op("lowbit::unpack_bits_triton", mutates_args=())
+def _unpack_bits_op(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    check_unpack(packed, bits, n)
+    return unpack_bits(packed.contiguous(), bits, n)
+
+
+finish_triton(_pack_bits_op)
+finish_triton(_unpack_bits_op)

@@ -30,11 +30,16 @@ on it, ``gemv`` (a forward pass, so no host sync) returns NaN everywhere instead
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
 from lowbit.errors import FormatError
+from lowbit.ops._contract import finish_triton
+from lowbit.ops.dfloat import check_decode, check_gemv
 from lowbit.reference.dfloat import LAYOUTS, MAX_CODE_LEN
 
 _MAX_LANES = 128  # windows decoded side by side by one program: one lane per thread at 4 warps
@@ -272,14 +277,15 @@ def decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_b
         return out
     windows, blocks, lanes, num_warps = _launch_shape(total_bits, window_bits, windows_per_block)
     flag = torch.zeros(1, dtype=torch.int32, device=codes.device)
-    _dfloat_decode_kernel[(blocks,)](
+    wrap_triton(_dfloat_decode_kernel)[(blocks,)](
         codes, raw, gaps, block_starts, table, out.view(_INT_VIEW[width]), flag,
         n, total_bits, window_bits, windows, windows_per_block, blocks,
         RAW_BYTES=raw_bytes, SHIFT=shift, LANES=lanes, MAX_CODE_LEN=MAX_CODE_LEN,
         num_warps=num_warps,
     )
-    # A CUDA graph cannot read the flag while it is captured; replaying one skips the check.
-    capturing = out.is_cuda and torch.cuda.is_current_stream_capturing()
+    # A CUDA graph cannot read the flag while it is captured, nor a compiled graph while it is
+    # traced; replaying either skips the check.
+    capturing = torch.compiler.is_compiling() or (out.is_cuda and torch.cuda.is_current_stream_capturing())
     if not capturing and flag.item():
         raise FormatError("corrupted dfloat stream: the codes disagree with gaps, block_starts or the table")
     return out
@@ -299,7 +305,7 @@ def gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, win
         windows, blocks, lanes, num_warps = _launch_shape(total_bits, window_bits, windows_per_block)
         tile = min(triton.next_power_of_2(batch), _MAX_BATCH)
         flag = torch.zeros(1, dtype=torch.int32, device=x.device)
-        _dfloat_gemv_kernel[(blocks, triton.cdiv(batch, tile))](
+        wrap_triton(_dfloat_gemv_kernel)[(blocks, triton.cdiv(batch, tile))](
             x, codes, raw, gaps, block_starts, table, acc, flag,
             batch, out_features * in_features, in_features, total_bits, window_bits, windows, windows_per_block,
             blocks, x.stride(0), acc.stride(0),
@@ -310,3 +316,25 @@ def gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, win
     if bias is not None:
         acc += bias.float()
     return acc.to(x.dtype)
+
+
+@triton_op("lowbit::dfloat_decode_triton", mutates_args=())
+def _decode_op(codes: torch.Tensor, raw: torch.Tensor, gaps: torch.Tensor, block_starts: torch.Tensor,
+               table: torch.Tensor, n: int, dtype: torch.dtype, total_bits: int, window_bits: int,
+               windows_per_block: int) -> torch.Tensor:
+    args = (codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block)
+    check_decode(*args)
+    return decode(*args)
+
+
+@triton_op("lowbit::dfloat_gemv_triton", mutates_args=())
+def _gemv_op(x: torch.Tensor, codes: torch.Tensor, raw: torch.Tensor, gaps: torch.Tensor, block_starts: torch.Tensor,
+             table: torch.Tensor, out_features: int, total_bits: int, window_bits: int, windows_per_block: int,
+             bias: Optional[torch.Tensor]) -> torch.Tensor:
+    args = (x, codes, raw, gaps, block_starts, table, out_features, total_bits, window_bits, windows_per_block, bias)
+    check_gemv(*args)
+    return gemv(*args)
+
+
+finish_triton(_decode_op)
+finish_triton(_gemv_op)

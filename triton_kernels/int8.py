@@ -19,10 +19,15 @@ host, so all three run inside CUDA graphs:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op, wrap_triton
 
+from lowbit.ops._contract import finish_triton
+from lowbit.ops.int8 import check_gemv, check_linear, check_matmul, check_prepass
 from lowbit.reference.int8 import fp32_threshold
 
 _PREPASS_MAX_BLOCK = 16384  # widest row a pre-pass program keeps in registers
@@ -156,7 +161,7 @@ def prepass(x, static_mask, static_idx, threshold):
     single = k <= _PREPASS_MAX_BLOCK
     block_k = max(16, triton.next_power_of_2(k)) if single else _PREPASS_LOOP_BLOCK
     num_warps = min(16, max(1, block_k // 512))
-    _int8_prepass_kernel[(m,)](
+    wrap_triton(_int8_prepass_kernel)[(m,)](
         _nonempty(x), _nonempty(static_mask), _nonempty(static_idx), _nonempty(xq), row_scale,
         _nonempty(col_flags), _nonempty(x_static),
         k, s, threshold, x.stride(0), xq.stride(0), x_static.stride(0),
@@ -319,7 +324,7 @@ def matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_w
         return y
     config = _matmul_config(m)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _int8_matmul_kernel[grid](
+    wrap_triton(_int8_matmul_kernel)[grid](
         _nonempty(x), _nonempty(xq), row_scale, _nonempty(col_flags), _nonempty(x_static), _nonempty(weight),
         weight_scale, _nonempty(static_weight), weight_scale if bias is None else bias, y,
         m, n, k, s, threshold,
@@ -408,7 +413,7 @@ def gemv(x, weight, weight_scale, static_idx, static_weight, bias):
     # 16 weight rows per program while that leaves under ~2 waves of 132 SMs at 32, else 32.
     block_n = 32 if triton.cdiv(n, 32) >= 264 else 16
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, _GEMV_BLOCK_M))
-    _int8_gemv_kernel[grid](
+    wrap_triton(_int8_gemv_kernel)[grid](
         _nonempty(x), _nonempty(weight), weight_scale, _nonempty(static_idx), _nonempty(static_weight),
         weight_scale if bias is None else bias, y,
         m, n, k, s, x.stride(0), weight.stride(0), y.stride(0),
@@ -417,3 +422,40 @@ def gemv(x, weight, weight_scale, static_idx, static_weight, bias):
         num_warps=4, num_stages=4,
     )
     return y
+
+
+# The registered ops (``torch.library.triton_op``: inductor and CUDA graphs see the kernels).
+@triton_op("lowbit::int8_prepass_triton", mutates_args=())
+def _prepass_op(x: torch.Tensor, static_mask: torch.Tensor, static_idx: torch.Tensor,
+                threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_prepass(x, static_mask, static_idx, threshold)
+    return prepass(x, static_mask, static_idx, threshold)
+
+
+@triton_op("lowbit::int8_matmul_triton", mutates_args=())
+def _matmul_op(x: torch.Tensor, xq: torch.Tensor, row_scale: torch.Tensor, col_flags: torch.Tensor,
+               x_static: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, static_weight: torch.Tensor,
+               bias: Optional[torch.Tensor], threshold: float) -> torch.Tensor:
+    args = (x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold)
+    check_matmul(*args)
+    return matmul(*args)
+
+
+@triton_op("lowbit::int8_linear_triton", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, static_mask: torch.Tensor,
+               static_idx: torch.Tensor, static_weight: torch.Tensor, bias: Optional[torch.Tensor],
+               threshold: float) -> torch.Tensor:
+    check_linear(x, weight, weight_scale, static_mask, static_idx, static_weight, bias, threshold)
+    xq, row_scale, col_flags, x_static = prepass(x, static_mask, static_idx, threshold)
+    return matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold)
+
+
+@triton_op("lowbit::int8_gemv_triton", mutates_args=())
+def _gemv_op(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, static_idx: torch.Tensor,
+             static_weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    check_gemv(x, weight, weight_scale, static_idx, static_weight, bias)
+    return gemv(x, weight, weight_scale, static_idx, static_weight, bias)
+
+
+for _op in (_prepass_op, _matmul_op, _linear_op, _gemv_op):
+    finish_triton(_op)

@@ -15,6 +15,9 @@
 #include <string.h>
 
 #include <algorithm>
+#include <list>
+#include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -230,6 +233,59 @@ TableShape build_multi_table(const int16_t* table, MultiEntry<kCodes>* multi) {
   return shape;
 }
 
+// The multi-code tables of one decode table. Building them takes longer than decoding a small
+// tensor, and a layer decodes the same table at every forward, so the last kCachedTables are kept,
+// found by their decode table's contents (hashed, then compared in full).
+struct MultiTables {
+  std::vector<int16_t> table;  // the decode table they were built from
+  uint64_t hash;
+  TableShape shape;
+  std::vector<MultiEntry<4>> four;
+  std::vector<MultiEntry<2>> two;  // empty unless the two-code table is the faster one
+};
+
+constexpr size_t kCachedTables = 64;
+
+uint64_t table_hash(const int16_t* table) {
+  uint64_t words[lowbit::dfloat::kTableSize / 4];
+  memcpy(words, table, sizeof(words));
+  uint64_t h = 0x9E3779B97F4A7C15ull;
+  for (const uint64_t w : words) h = (h ^ w) * 0x100000001B3ull;
+  return h;
+}
+
+std::shared_ptr<const MultiTables> multi_tables(const int16_t* table) {
+  static std::mutex mutex;
+  static std::list<std::shared_ptr<const MultiTables>> cache;  // most recently used first
+  const uint64_t hash = table_hash(table);
+  const size_t bytes = lowbit::dfloat::kTableSize * sizeof(int16_t);
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (auto it = cache.begin(); it != cache.end(); ++it) {
+      if ((*it)->hash == hash && memcmp((*it)->table.data(), table, bytes) == 0) {
+        cache.splice(cache.begin(), cache, it);
+        return cache.front();
+      }
+    }
+  }
+  auto built = std::make_shared<MultiTables>();
+  built->table.assign(table, table + lowbit::dfloat::kTableSize);
+  built->hash = hash;
+  built->four.resize(lowbit::dfloat::kTableSize);
+  built->shape = build_multi_table(table, built->four.data());
+  // Stream bits of a good code are near uniform, so few peeks with three or more codes means few
+  // lookups that would yield them (fp16, whose symbols hold three mantissa bits, has almost none):
+  // the half-size table of two codes per entry then decodes faster.
+  if (built->shape.complete && built->shape.rich * 16 < lowbit::dfloat::kTableSize) {
+    built->two.resize(lowbit::dfloat::kTableSize);
+    build_multi_table(table, built->two.data());
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  cache.push_front(built);
+  if (cache.size() > kCachedTables) cache.pop_back();
+  return built;
+}
+
 // The stream being decoded.
 struct Input {
   const uint8_t* codes;
@@ -407,20 +463,14 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
   }
   const Input in{codes, raw, gaps, block_starts, table, total_bits, window_bits, windows_per_block, block_bits, blocks,
                  max_block_codes};
-  std::vector<MultiEntry<4>> multi4(lowbit::dfloat::kTableSize);
-  const TableShape shape = build_multi_table(table, multi4.data());
+  const std::shared_ptr<const MultiTables> tables = multi_tables(table);
   bool ok;
-  if (!shape.complete) {
-    ok = decode_all<4, true>(in, multi4.data(), n, out);
-  } else if (shape.rich * 16 >= lowbit::dfloat::kTableSize) {
-    ok = decode_all<4, false>(in, multi4.data(), n, out);
+  if (!tables->shape.complete) {
+    ok = decode_all<4, true>(in, tables->four.data(), n, out);
+  } else if (tables->two.empty()) {
+    ok = decode_all<4, false>(in, tables->four.data(), n, out);
   } else {
-    // Stream bits of a good code are near uniform, so few peeks with three or more codes means
-    // few lookups that would yield them (fp16, whose symbols hold three mantissa bits, has
-    // almost none): the half-size table of two codes per entry then decodes faster.
-    std::vector<MultiEntry<2>> multi2(lowbit::dfloat::kTableSize);
-    build_multi_table(table, multi2.data());
-    ok = decode_all<2, false>(in, multi2.data(), n, out);
+    ok = decode_all<2, false>(in, tables->two.data(), n, out);
   }
   return ok ? nullptr : "the code stream does not match block_starts and gaps (corrupted data)";
 }

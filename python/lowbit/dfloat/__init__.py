@@ -19,3 +19,8 @@ from lowbit.dfloat.format import (
 __all__ = [
     "FORMAT_VERSION", "DFloatTensor", "compress", "compress_state_dict", "decompress_state_dict", "entropy_bound",
 ]
+
+from lowbit.dfloat.linear import DFloatLinear  # noqa: E402
+from lowbit.registry import Family, register  # noqa: E402
+
+register(Family("dfloat", DFloatLinear, description="lossless: Huffman-coded exponents, raw sign and mantissa"))

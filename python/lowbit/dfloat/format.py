@@ -10,8 +10,8 @@ import zlib
 
 import torch
 
-from lowbit import backend as _backend
 from lowbit import ops
+from lowbit.ops.dfloat import check_stream, check_window_shape
 from lowbit.errors import FormatError
 from lowbit.reference import dfloat as ref
 from lowbit.reference.bitpack import unpack_bits
@@ -155,7 +155,7 @@ class DFloatTensor:
         if why:
             raise FormatError(f"{prefix}code_lengths: {why}")
         table = ref.decode_table(lengths.cpu())
-        ops._check_dfloat_stream(n, dtype, codes, raw, gaps, block_starts, table.to(codes.device), total_bits,
+        check_stream(n, dtype, codes, raw, gaps, block_starts, table.to(codes.device), total_bits,
                                  fields["window_bits"], fields["windows_per_block"])
         if _crc32([*header[:8], 0, *header[9:]], stream) != fields["checksum"]:
             raise FormatError(f"checksum mismatch in {prefix or 'the'} dfloat data: it was altered or truncated")
@@ -178,17 +178,12 @@ def compress(t: torch.Tensor, *, window_bits: int = DEFAULT_WINDOW_BITS,
         raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPE_CODES:
         raise TypeError(f"t must be a bfloat16, float16 or float32 tensor, got {t.dtype}")
-    if not (32 <= window_bits <= ops.MAX_WINDOW_BITS and window_bits % 32 == 0
-            and 1 <= windows_per_block <= ops.MAX_WINDOWS_PER_BLOCK):
-        raise ValueError(f"window_bits must be a multiple of 32 in [32, {ops.MAX_WINDOW_BITS}] and "
-                         f"windows_per_block in [1, {ops.MAX_WINDOWS_PER_BLOCK}], got {window_bits} and "
-                         f"{windows_per_block}")
+    check_window_shape(window_bits, windows_per_block, ValueError)
     x = t.detach().to("cpu").contiguous()
-    cpu = torch.device("cpu")
-    counts = _backend.implementation("dfloat_histogram", backend, cpu)(x)
+    counts = ops.op("dfloat_histogram", backend, "cpu")(x)
     lengths = ref.code_lengths(counts)
     total_bits = int((counts * lengths.to(torch.int64)).sum())
-    codes, raw, gaps, block_starts = _backend.implementation("dfloat_encode", backend, cpu)(
+    codes, raw, gaps, block_starts = ops.op("dfloat_encode", backend, "cpu")(
         x, lengths, codewords(lengths), total_bits, window_bits, windows_per_block)
     result = DFloatTensor(codes=codes, raw=raw, gaps=gaps, block_starts=block_starts, code_lengths=lengths,
                           shape=t.shape, dtype=t.dtype, total_bits=total_bits, window_bits=window_bits,

@@ -9,12 +9,27 @@ from torch import nn
 from lowbit import ops
 from lowbit.dfloat.format import STREAM, DFloatTensor, compress
 from lowbit.errors import FormatError
+from lowbit.nn.base import LowbitLinear
+from lowbit.ops.dfloat import _fake_encode
+from lowbit.reference import dfloat as ref
 
 MODES = ("exact", "fused")
 FUSED_MAX_ROWS = 8
 
 
-class DFloatLinear(nn.Module):
+def _placeholder(shape, dtype, device) -> DFloatTensor:
+    """A stream of the sizes an all-zero weight would take, without encoding anything (for an
+    empty layer on ``meta``, filled later by load_state_dict)."""
+    n = shape[0] * shape[1]
+    lengths = torch.zeros(ref.NUM_SYMBOLS, dtype=torch.uint8, device=device)
+    x = torch.empty(n, dtype=dtype, device=device)
+    codes, raw, gaps, block_starts = _fake_encode(x, lengths, None, n, 256, 128)
+    return DFloatTensor(codes=codes, raw=raw, gaps=gaps, block_starts=block_starts, code_lengths=lengths,
+                        shape=shape, dtype=dtype, total_bits=n, window_bits=256, windows_per_block=128,
+                        table=torch.empty(1 << ref.MAX_CODE_LEN, dtype=torch.int16, device=device))
+
+
+class DFloatLinear(LowbitLinear):
     """y = x W^T + b with W kept compressed (dfloat, about 11 bits/weight for trained bf16 weights).
 
     mode="exact" (default): decode W, then the same ``F.linear`` as ``nn.Linear``; the output is
@@ -22,50 +37,87 @@ class DFloatLinear(nn.Module):
     mode="fused": for at most 8 rows of input, one kernel decodes W and multiplies as it goes,
     never writing W to memory (``lowbit::dfloat_gemv``); it accumulates in fp32 and rounds once, so
     it can differ from ``nn.Linear`` (whose summation order is cuBLAS's or the CPU BLAS's) by fp32
-    rounding: within a few units in the last place of the output dtype. Larger inputs use the
-    exact path.
+    rounding: within a few units in the last place of the output dtype. Larger inputs, and devices
+    with no fused kernel (the CPU: its reference would be far slower than decoding), use the exact
+    path.
 
+    The weight is stored in its own dtype, losslessly; the layer computes in ``dtype`` (the
+    weight's, until ``.half()`` or ``.to(dtype)`` changes it: the decoded weight is then cast).
     The compressed weight is held in buffers ``weight_header``, ``weight_codes``, ``weight_raw``,
     ``weight_gaps``, ``weight_block_starts``, ``weight_code_lengths``: the dfloat stored form, with
     its checksum, so ``state_dict()`` is the stored form and ``load_state_dict`` validates it.
     """
 
+    family = "dfloat"
+    fixed_dtype_buffers = ()  # every buffer is an integer tensor: dtype conversions skip them
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype=torch.bfloat16,
                  device=None, mode: str = "exact", backend: str | None = None):
-        super().__init__()
-        # An empty module holds the code of an all-zero weight until load_state_dict fills it.
-        weight = compress(torch.zeros(out_features, in_features, dtype=dtype, device=device))
-        self._setup(weight, torch.zeros(out_features, dtype=dtype, device=device) if bias else None, mode, backend)
+        super().__init__(in_features, out_features, bias, dtype=dtype, device=device, backend=backend)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+        shape = (out_features, in_features)
+        if torch.device(device if device is not None else "cpu").type == "meta":
+            weight = _placeholder(shape, dtype, "meta")
+        else:  # an empty layer holds the code of an all-zero weight until load_state_dict fills it
+            weight = compress(torch.zeros(shape, dtype=dtype, device=device))
+        self._set_weight(weight)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, mode: str = "exact", backend: str | None = None) -> "DFloatLinear":
-        """Compress ``linear``'s weight (bf16, fp16 or fp32); the bias is kept as it is."""
+        """Compress ``linear``'s weight (bf16, fp16 or fp32) losslessly; the bias is kept as it
+        is, and the layer computes in the weight's dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        module._setup(compress(linear.weight.detach()), bias, mode, backend)
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, dtype=weight.dtype,
+                     device="meta", mode=mode, backend=backend)
+        module._set_weight(compress(weight))
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
+        module._moved()
         return module
-
-    def _setup(self, weight: DFloatTensor, bias: torch.Tensor | None, mode: str, backend: str | None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        self.out_features, self.in_features = weight.shape
-        self.mode, self.backend = mode, backend
-        self._set_weight(weight)
-        if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
 
     # The stored form lives in buffers; the decode table is derived and not saved.
     def _set_weight(self, weight: DFloatTensor) -> None:
-        for name, t in weight.to_dict().items():
+        for name, t in weight.to_dict().items() if weight.device.type != "meta" else self._meta_dict(weight):
             self.register_buffer(f"weight_{name}", t)
         self.register_buffer("weight_table", weight.table, persistent=False)
         self._weight_meta = (weight.shape, weight.dtype, weight.total_bits, weight.window_bits,
                              weight.windows_per_block)
+        self._moved()
+
+    @staticmethod
+    def _meta_dict(weight: DFloatTensor):
+        yield "header", torch.empty(0, dtype=torch.int64, device="meta")
+        for name in STREAM:
+            yield name, getattr(weight, name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_codes.device
+
+    def _resolve_ops(self) -> None:
+        if not hasattr(self, "_weight_meta"):
+            return  # during construction
+        device = self.weight_codes.device
+        # The ops' arguments are fixed between moves: gathered once, not at every forward.
+        shape, dtype, total_bits, window_bits, windows_per_block = self._weight_meta
+        stream = (self.weight_codes, self.weight_raw, self.weight_gaps, self.weight_block_starts, self.weight_table)
+        self._decode_args = (*stream, shape[0] * shape[1], dtype, total_bits, window_bits, windows_per_block)
+        self._gemv_stream = (*stream, shape[0], total_bits, window_bits, windows_per_block)
+        backend = "reference" if device.type == "meta" else self.backend  # meta: shapes only, until loaded
+        self._decode = ops.op("dfloat_decode", backend, device)
+        self._gemv = None
+        if self.mode == "fused":
+            # A fused kernel only where one exists: auto never settles for the reference here.
+            chosen = ops.resolve("dfloat_gemv", backend, device)
+            if chosen != "reference" or ops.requested(backend) == "reference":
+                self._gemv = ops.op("dfloat_gemv", backend, device)
+
+    def _config_extra(self) -> dict:
+        return {"mode": self.mode}
 
     @property
     def compressed_weight(self) -> DFloatTensor:
@@ -78,7 +130,20 @@ class DFloatLinear(nn.Module):
 
     @property
     def weight_dtype(self) -> torch.dtype:
+        """The dtype the weight is stored in (losslessly)."""
         return self._weight_meta[1]
+
+    def _decoded(self) -> torch.Tensor:
+        return self._decode(*self._decode_args).view(self._weight_meta[0])
+
+    def dequantize(self) -> torch.Tensor:
+        """The stored weight, bit for bit (cast to the compute dtype when that differs)."""
+        return self._decoded().to(self._dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded weight (decoded at every access: it is not kept)."""
+        return self.dequantize()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -87,7 +152,8 @@ class DFloatLinear(nn.Module):
         if len(stored) == len(STREAM) + 1:
             device = self.weight_codes.device
             try:
-                weight = DFloatTensor.from_dict({k: v.to(device) for k, v in stored.items()})
+                target = device if device.type != "meta" else None
+                weight = DFloatTensor.from_dict({k: v.to(target) if target else v for k, v in stored.items()})
             except FormatError as exc:
                 error_msgs.append(f"{prefix}weight: {exc}")
                 return
@@ -99,20 +165,19 @@ class DFloatLinear(nn.Module):
             # The buffers now match the stored tensors; let the default copy (and key checks) run.
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self.bias is not None and self.bias.dtype != self._dtype:  # assign=True keeps the stored dtype
+            self.bias = nn.Parameter(self.bias.detach().to(self._dtype), requires_grad=False)
+        self._moved()
 
     def extra_repr(self) -> str:
-        w = self.compressed_weight
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"dtype={self.weight_dtype}, mode={self.mode}, bits_per_weight={w.bits_per_weight:.2f}")
+        bits = self.compressed_weight.bits_per_weight if self.device.type != "meta" else float("nan")
+        return (f"{super().extra_repr()}, weight_dtype={str(self.weight_dtype).removeprefix('torch.')}, "
+                f"mode={self.mode}, bits_per_weight={bits:.2f}")
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.shape[-1] != self.in_features:
-            raise ValueError(f"input's last dimension must be in_features = {self.in_features}, got "
-                             f"{input.shape[-1]} (input shape {list(input.shape)})")
-        w = self.compressed_weight
-        rows = input.numel() // self.in_features if self.in_features else 0
-        if self.mode == "fused" and input.dtype == self.weight_dtype and 0 < rows <= FUSED_MAX_ROWS:
-            out = ops.dfloat_gemv(input.reshape(rows, self.in_features), *w.stream_args(), self.out_features,
-                                  w.total_bits, w.window_bits, w.windows_per_block, self.bias, backend=self.backend)
-            return out.reshape(*input.shape[:-1], self.out_features)
-        return F.linear(input, w.decompress(backend=self.backend), self.bias)
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gemv is not None and 0 < x.shape[0] <= FUSED_MAX_ROWS and self.weight_dtype == self._dtype:
+            return self._gemv(x.contiguous(), *self._gemv_stream, self.bias)
+        weight = self._decoded()
+        if weight.dtype != self._dtype:
+            weight = weight.to(self._dtype)
+        return F.linear(x, weight, self.bias)

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from lowbit import ops
+from lowbit import ops, stored
+from lowbit.errors import FormatError
 from lowbit.int8.format import Int8Weight, quantize_linear, static_columns
-from lowbit.reference.int8 import DTYPES, QMAX, static_mask
+from lowbit.nn.base import LowbitLinear
+from lowbit.reference.int8 import QMAX, dequantize, static_mask
 
 # bitsandbytes' Linear8bitLt state dicts: weight (int8 "CB"), SCB (fp32 row absmax), weight_format.
 _BNB_ROW_FORMAT = 0
 GEMV_MAX_ROWS = 16
+MAGIC = stored.magic_number("lbi8")
+FORMAT_VERSION = 1
+_DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+# The stored tensors besides the header, in checksum order ("bias" is the module's parameter).
+STORED = ("weight", "weight_scale", "static_idx", "static_weight", "threshold", "bias")
 
 
-class Int8Linear(nn.Module):
+def check_threshold(threshold) -> float:
+    value = float(threshold)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"threshold must be a finite number >= 0 (0 turns the outlier split off), got {threshold!r}")
+    return value
+
+
+class Int8Linear(LowbitLinear):
     """y = x W^T + b with W stored in int8 (half the bytes of bf16) and the LLM.int8() product.
 
     Input rows are quantized to int8 per row at run time, except the *outlier* elements
@@ -26,33 +42,33 @@ class Int8Linear(nn.Module):
     On CUDA, inputs of at most ``gemv_max_rows`` rows (decoding) use the weight-only product
     (16-bit activations, int8 weight): more accurate, and it reads half the bytes of bf16.
 
-    Buffers (the state dict): ``weight`` int8 [out, in], ``weight_scale`` fp32 [out],
-    ``static_idx`` int32 [S], ``static_weight`` [out, S], ``threshold`` fp32 []; and the ``bias``
-    parameter. A bitsandbytes 8-bit state dict (``weight`` int8, ``SCB``, ``weight_format``) loads
-    too. Moving the module between devices or dtypes moves these tensors and never re-quantizes;
-    ``weight_scale`` stays fp32. Inputs may be bf16, fp16 or fp32; the output has the input's dtype.
+    Stored form (the state dict, docs/formats.md "int8"): ``weight`` int8 [out, in],
+    ``weight_scale`` fp32 [out], ``static_idx`` int32 [S], ``static_weight`` [out, S],
+    ``threshold`` fp32 [], the ``bias`` parameter, and ``weight_header`` (magic, version, CRC-32),
+    written by ``state_dict()`` and checked by ``load_state_dict``. A bitsandbytes 8-bit state dict
+    (``weight`` int8, ``SCB``, ``weight_format``) loads too.
     """
+
+    family = "int8"
+    fixed_dtype_buffers = ("weight_scale", "threshold")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0, *,
                  dtype=torch.bfloat16, device=None, backend: str | None = None, gemv_max_rows: int = GEMV_MAX_ROWS):
-        super().__init__()
-        if dtype not in DTYPES:
-            raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
-        # An empty module holds an all-zero weight until load_state_dict fills it.
-        empty = Int8Weight(
+        super().__init__(in_features, out_features, bias, dtype=dtype, device=device, backend=backend)
+        # An empty layer holds an all-zero weight until load_state_dict fills it.
+        self._setup(Int8Weight(
             torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
             torch.zeros(out_features, dtype=torch.float32, device=device),
             torch.zeros(0, dtype=torch.int32, device=device),
             torch.zeros(out_features, 0, dtype=dtype, device=device),
-        )
-        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
-        self._setup(empty, b, threshold, backend, gemv_max_rows)
+        ), threshold, gemv_max_rows)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0, *, calibration=None, static_idx=None,
                     max_static: int | None = None, backend: str | None = None,
                     gemv_max_rows: int = GEMV_MAX_ROWS) -> "Int8Linear":
-        """Quantize ``linear``'s weight to int8 with per-row scales; the bias is kept as it is.
+        """Quantize ``linear``'s weight (bf16, fp16 or fp32) to int8 with per-row scales; the
+        bias is kept as it is, and the layer computes in the weight's dtype.
 
         calibration: sample inputs [..., in_features] (a tensor or a list); the columns where they
         reach ``threshold`` (at most ``max_static``, largest first) become static columns, kept in
@@ -60,27 +76,32 @@ class Int8Linear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        threshold = check_threshold(threshold)
         if calibration is not None and static_idx is not None:
             raise ValueError("give calibration or static_idx, not both")
         if calibration is not None:
+            parts = calibration if isinstance(calibration, (list, tuple)) else [calibration]
+            for part in parts:
+                if not isinstance(part, torch.Tensor) or part.shape[-1:] != (linear.in_features,):
+                    shape = list(part.shape) if isinstance(part, torch.Tensor) else type(part).__name__
+                    raise ValueError(f"calibration must hold tensors [..., in_features = {linear.in_features}], "
+                                     f"got {shape}")
             static_idx = static_columns(calibration, threshold, max_static)
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        bias = linear.bias.detach().clone() if linear.bias is not None else None
-        module._setup(quantize_linear(linear.weight.detach(), static_idx), bias, threshold, backend, gemv_max_rows)
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold,
+                     dtype=weight.dtype, device="meta", backend=backend, gemv_max_rows=gemv_max_rows)
+        module._setup(quantize_linear(weight, static_idx), threshold, gemv_max_rows)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
         return module
 
-    def _setup(self, weight: Int8Weight, bias, threshold: float, backend, gemv_max_rows: int) -> None:
-        self.out_features, self.in_features = weight.weight.shape
-        self.backend, self.gemv_max_rows = backend, gemv_max_rows
+    def _setup(self, weight: Int8Weight, threshold: float, gemv_max_rows: int) -> None:
+        self.gemv_max_rows = gemv_max_rows
         self._set_weight(weight)
-        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32,
+        self.register_buffer("threshold", torch.tensor(check_threshold(threshold), dtype=torch.float32,
                                                        device=weight.weight.device))
         self._threshold = float(threshold)  # a Python float for the ops: reading the buffer would sync
-        if bias is not None:
-            self.bias = nn.Parameter(bias, requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        self._moved()
 
     def _set_weight(self, weight: Int8Weight) -> None:
         for name in ("weight", "weight_scale", "static_idx", "static_weight"):
@@ -89,17 +110,40 @@ class Int8Linear(nn.Module):
 
     def _mask_of(self, static_idx: torch.Tensor, device) -> torch.Tensor:
         """uint8 [in_features]: 1 at the static columns (derived, not saved)."""
+        if device is not None and torch.device(device).type == "meta":
+            return torch.empty(self.in_features, dtype=torch.uint8, device="meta")
         return static_mask(static_idx.to(device), self.in_features, device).to(torch.uint8)
 
-    def _apply(self, fn, recurse=True):
-        # A dtype change (module.half()) must not touch the fp32 scales; devices still follow.
-        keep = {name: getattr(self, name) for name in ("weight_scale", "threshold")}
-        super()._apply(fn, recurse)
-        for name, before in keep.items():
-            after = getattr(self, name)
-            if after.dtype != before.dtype:
-                setattr(self, name, before.to(after.device))
-        return self
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def _resolve_ops(self) -> None:
+        device = self.weight.device
+        backend = "reference" if device.type == "meta" else self.backend  # meta: shapes only, until loaded
+        self._linear = ops.op("int8_linear", backend, device)
+        # The weight-only product pays on GPUs only; on the CPU the int8 GEMM is faster.
+        self._gemv = ops.op("int8_gemv", backend, device) if device.type == "cuda" else None
+
+    def _config_extra(self) -> dict:
+        return {"threshold": self._threshold, "gemv_max_rows": self.gemv_max_rows}
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.weight, self.weight_scale, self.static_idx, self.static_weight, self._dtype)
+
+    # -- stored form ------------------------------------------------------------------------------
+    def _stored_tensors(self, tensors: dict) -> list:
+        return [tensors.get(name) for name in STORED]
+
+    def _header_fields(self, tensors: dict) -> list[int]:
+        weight, kept = tensors["weight"], tensors["static_weight"]
+        return [weight.shape[0], weight.shape[1], tensors["static_idx"].numel(), _DTYPE_CODES.get(kept.dtype, 0)]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        tensors = {name: destination.get(prefix + name) for name in STORED}
+        destination[prefix + "weight_header"] = stored.make_header(
+            MAGIC, FORMAT_VERSION, self._header_fields(tensors), self._stored_tensors(tensors))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -109,6 +153,7 @@ class Int8Linear(nn.Module):
         if problem is not None:
             error_msgs.append(f"{prefix}: {problem}")
             return
+        state_dict.pop(prefix + "weight_header", None)
         # The number of static columns is the stored one, not the empty module's.
         idx, kept = state_dict.get(prefix + "static_idx"), state_dict.get(prefix + "static_weight")
         if idx is not None and kept is not None:
@@ -121,7 +166,13 @@ class Int8Linear(nn.Module):
                                       error_msgs)
         # The mask follows the loaded columns, on the device the weight now has (assign=True moves it).
         self.static_mask = self._mask_of(self.static_idx, self.weight.device)
-        self._threshold = float(self.threshold)
+        if self.threshold.device.type != "meta":
+            self._threshold = float(self.threshold)
+        if self.static_weight.dtype != self._dtype:  # assign=True keeps the stored dtype
+            self.static_weight = self.static_weight.to(self._dtype)
+        if self.bias is not None and self.bias.dtype != self._dtype:
+            self.bias = nn.Parameter(self.bias.detach().to(self._dtype), requires_grad=False)
+        self._moved()
 
     def _stored_problem(self, state_dict, prefix) -> str | None:
         """Why the stored tensors cannot be this module's, or None. Shapes of the fixed-size
@@ -130,19 +181,30 @@ class Int8Linear(nn.Module):
         if weight is not None and weight.dtype != torch.int8:
             return (f"weight is {weight.dtype}, not int8: this is not an Int8Linear (or bitsandbytes 8-bit) state "
                     "dict; quantize a float layer with Int8Linear.from_linear")
-        idx, kept = state_dict.get(prefix + "static_idx"), state_dict.get(prefix + "static_weight")
-        if idx is None or kept is None:
-            return None
-        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
-            return f"static_idx must be a 1-D integer tensor, got {idx.dtype} of shape {list(idx.shape)}"
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.in_features or (idx[1:] <= idx[:-1]).any()):
-            return f"static_idx must be increasing columns in [0, {self.in_features}), got {idx.tolist()[:16]}"
-        if list(kept.shape) != [self.out_features, idx.numel()]:
-            return f"static_weight must be [{self.out_features}, {idx.numel()}], got {list(kept.shape)}"
+        if weight is None:
+            return None  # load_state_dict reports the missing keys
+        tensors = {name: state_dict.get(prefix + name) for name in STORED}
+        idx, kept = tensors["static_idx"], tensors["static_weight"]
+        if idx is not None and kept is not None:
+            if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+                return f"static_idx must be a 1-D integer tensor, got {idx.dtype} of shape {list(idx.shape)}"
+            if idx.numel() and (idx.min() < 0 or idx.max() >= self.in_features or (idx[1:] <= idx[:-1]).any()):
+                return f"static_idx must be increasing columns in [0, {self.in_features}), got {idx.tolist()[:16]}"
+            if list(kept.shape) != [self.out_features, idx.numel()]:
+                return f"static_weight must be [{self.out_features}, {idx.numel()}], got {list(kept.shape)}"
+        try:
+            _, fields = stored.read_header(state_dict.get(prefix + "weight_header"), magic=MAGIC,
+                                           versions=(FORMAT_VERSION,), nfields=4,
+                                           tensors=self._stored_tensors(tensors), what=f"{prefix}weight (int8)")
+        except FormatError as exc:
+            return str(exc)
+        if fields[:2] != [self.out_features, self.in_features]:
+            return f"stored weight is [{fields[0]}, {fields[1]}], this layer is [{self.out_features}, {self.in_features}]"
         return None
 
     def _from_bitsandbytes(self, state_dict, prefix, error_msgs) -> None:
-        """Rewrite bitsandbytes' keys (in the copy load_state_dict works on) into this module's."""
+        """Rewrite bitsandbytes' keys (in the copy load_state_dict works on) into this module's,
+        with the header they lack."""
         scb = state_dict.pop(prefix + "SCB")
         fmt = state_dict.pop(prefix + "weight_format", None)
         if fmt is not None and int(torch.as_tensor(fmt).item()) != _BNB_ROW_FORMAT:
@@ -151,28 +213,19 @@ class Int8Linear(nn.Module):
             return
         state_dict[prefix + "weight_scale"] = scb.float() / QMAX
         state_dict.setdefault(prefix + "static_idx", torch.zeros(0, dtype=torch.int32))
-        state_dict.setdefault(prefix + "static_weight", self.static_weight.new_zeros(self.out_features, 0))
-        state_dict.setdefault(prefix + "threshold", self.threshold)
+        state_dict.setdefault(prefix + "static_weight", torch.zeros(self.out_features, 0, dtype=self._dtype))
+        state_dict.setdefault(prefix + "threshold", torch.tensor(self._threshold, dtype=torch.float32))
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.dtype == torch.int8:
+            tensors = {name: state_dict.get(prefix + name) for name in STORED}
+            state_dict[prefix + "weight_header"] = stored.make_header(
+                MAGIC, FORMAT_VERSION, self._header_fields(tensors), self._stored_tensors(tensors))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"threshold={self._threshold}, static_columns={self.static_idx.numel()}")
+        return f"{super().extra_repr()}, threshold={self._threshold}, static_columns={self.static_idx.numel()}"
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.shape[-1] != self.in_features:
-            raise ValueError(f"input's last dimension must be in_features = {self.in_features}, got "
-                             f"{input.shape[-1]} (input shape {list(input.shape)})")
-        if input.dtype not in DTYPES:
-            raise TypeError(f"input must be bfloat16, float16 or float32, got {input.dtype}")
-        if input.device != self.weight.device:
-            raise ValueError(f"input is on {input.device}, but the module's weight is on {self.weight.device}")
-        x = input.reshape(-1, self.in_features)
-        static_weight = self.static_weight.to(x.dtype)
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if x.is_cuda and 0 < x.shape[0] <= self.gemv_max_rows:
-            y = ops.int8_gemv(x, self.weight, self.weight_scale, self.static_idx, static_weight, bias,
-                              backend=self.backend)
-        else:
-            y = ops.int8_linear(x, self.weight, self.weight_scale, self.static_mask, self.static_idx, static_weight,
-                                bias, self._threshold, backend=self.backend)
-        return y.reshape(*input.shape[:-1], self.out_features)
+    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gemv is not None and 0 < x.shape[0] <= self.gemv_max_rows:
+            return self._gemv(x, self.weight, self.weight_scale, self.static_idx, self.static_weight, self.bias)
+        return self._linear(x.contiguous(), self.weight, self.weight_scale, self.static_mask, self.static_idx,
+                            self.static_weight, self.bias, self._threshold)

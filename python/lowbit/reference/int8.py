@@ -150,3 +150,12 @@ def linear(x, weight, weight_scale, static_mask, static_idx, static_weight, bias
     """The whole decomposed product: pre-pass then GEMM."""
     xq, row_scale, col_flags, x_static = prepass(x, static_mask, static_idx, threshold)
     return matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold)
+
+
+def dequantize(weight, weight_scale, static_idx, static_weight, dtype=torch.float32):
+    """The weight the layer stands for: weight * weight_scale per row, with the static columns
+    put back as they were kept. -> [out, in] of ``dtype``."""
+    w = weight.float() * weight_scale[:, None]
+    if static_idx.numel():
+        w[:, static_idx.long()] = static_weight.float()
+    return w.to(dtype)

@@ -1,11 +1,10 @@
-// Argument checks of the int8 family's native ops, shared by the torch glue of every device. They
-// mirror the Python checks in lowbit/ops.py (the same exception types: TypeError for a dtype,
+// Argument checks of the int8 family's native ops, shared by the torch glue of every device (csrc/bindings/int8.cpp, int8_cuda.cpp). They
+// mirror the Python checks in lowbit/ops/int8.py (the same exception types: TypeError for a dtype,
 // ValueError for a shape), which run first on the public ops; these keep the private
 // torch.ops.lowbit._int8_*_native ops safe when they are called directly.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <c10/util/Exception.h>
+#include "bindings/common.h"
 
 #include <optional>
 
@@ -17,14 +16,14 @@ constexpr int64_t kMaxInFeatures = int64_t(2147483647) / (127 * 127);
 inline void check_x(const at::Tensor& x) {
   const at::ScalarType dtype = x.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
-                   "x must be bfloat16, float16 or float32, got ", dtype);
+                   "x must be bfloat16, float16 or float32, got ", dtype_name(dtype));
   TORCH_CHECK_VALUE(x.dim() == 2, "x must be 2-D [rows, in_features], got shape ", x.sizes());
   TORCH_CHECK_VALUE(x.size(1) <= kMaxInFeatures, "in_features must be at most ", kMaxInFeatures,
                     " (int32 accumulation), got ", x.size(1));
 }
 
 inline void check_tensor(const char* name, const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef shape) {
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, name, " must be ", dtype_name(dtype), ", got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.sizes() == shape, name, " must have shape ", shape, ", got ", t.sizes());
 }
 
@@ -36,7 +35,7 @@ inline void check_device(const char* name, const at::Tensor& t, const at::Tensor
 // check would cost a host synchronization, and the CUDA kernels write NaN for a column out of range).
 inline void check_static_idx(const at::Tensor& static_idx, const at::Tensor& x) {
   TORCH_CHECK_TYPE(static_idx.scalar_type() == at::kInt && static_idx.dim() == 1,
-                   "static_idx must be a 1-D int32 tensor, got ", static_idx.scalar_type(), " of shape ",
+                   "static_idx must be a 1-D int32 tensor, got ", dtype_name(static_idx.scalar_type()), " of shape ",
                    static_idx.sizes());
   if (static_idx.numel() && static_idx.is_cpu()) {
     const auto [low, high] = at::aminmax(static_idx);
@@ -58,7 +57,7 @@ inline void check_prepass(const at::Tensor& x, const at::Tensor& static_mask, co
 inline void check_weight(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
                          const at::Tensor& static_weight, int64_t static_count, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_VALUE(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.size(1) == x.size(1),
-                    "weight must be int8 [out_features, ", x.size(1), "], got ", weight.scalar_type(),
+                    "weight must be int8 [out_features, ", x.size(1), "], got ", dtype_name(weight.scalar_type()),
                     " of shape ", weight.sizes());
   const int64_t out_features = weight.size(0);
   check_tensor("weight_scale", weight_scale, at::kFloat, {out_features});
@@ -82,13 +81,30 @@ inline void check_gemv(const at::Tensor& x, const at::Tensor& weight, const at::
   check_weight(x, weight, weight_scale, static_weight, static_idx.size(0), bias);
 }
 
-// The CPU GEMM's epilogue (csrc/bindings.cpp, int8_epilogue_cpu).
+// int8_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias, threshold).
+inline void check_matmul(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
+                         const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
+                         const at::Tensor& weight_scale, const at::Tensor& static_weight,
+                         const std::optional<at::Tensor>& bias) {
+  check_x(x);
+  const int64_t M = x.size(0), K = x.size(1);
+  check_tensor("xq", xq, at::kChar, {M, K});
+  check_tensor("row_scale", row_scale, at::kFloat, {M});
+  check_tensor("col_flags", col_flags, at::kByte, {K});
+  TORCH_CHECK_VALUE(x_static.scalar_type() == x.scalar_type() && x_static.dim() == 2 && x_static.size(0) == M,
+                    "x_static must be ", dtype_name(x.scalar_type()), " [", M, ", S], got ", dtype_name(x_static.scalar_type()), " of shape ",
+                    x_static.sizes());
+  check_weight(x, weight, weight_scale, static_weight, x_static.size(1), bias);
+  for (const at::Tensor* t : {&xq, &row_scale, &col_flags, &x_static}) check_device("the pre-pass outputs", *t, x);
+}
+
+// The CPU GEMM's epilogue (csrc/bindings/int8.cpp, int8_epilogue_cpu).
 inline void check_epilogue(const at::Tensor& acc, const at::Tensor& row_scale, const at::Tensor& weight_scale,
                            const std::optional<at::Tensor>& dyn_x, const std::optional<at::Tensor>& dyn_w,
                            const at::Tensor& x_static, const at::Tensor& static_weight,
                            const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_TYPE(acc.scalar_type() == at::kInt || acc.scalar_type() == at::kFloat,
-                   "acc must be int32 or float32, got ", acc.scalar_type());
+                   "acc must be int32 or float32, got ", dtype_name(acc.scalar_type()));
   TORCH_CHECK_VALUE(acc.dim() == 2, "acc must be 2-D [rows, out_features], got shape ", acc.sizes());
   const int64_t rows = acc.size(0), out_features = acc.size(1);
   const at::ScalarType dtype = x_static.scalar_type();

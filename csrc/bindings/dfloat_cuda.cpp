@@ -1,48 +1,11 @@
-// Torch glue for the CUDA kernels: checks, output allocation, the current stream, registration.
-// Built only when torch has CUDA and nvcc is found (setup.py).
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-
-#include <stdint.h>
-
-#include "bindings.h"
-#include "bindings_int8.h"
-#include "cuda/bitpack.h"
+// Torch glue of the dfloat family's CUDA kernels: checks, output allocation, the current stream,
+// registration. Built only when torch has CUDA and nvcc is found (setup.py).
+#include "bindings/cuda_common.h"
+#include "bindings/dfloat.h"
 #include "cuda/dfloat.h"
-#include "cuda/int8.h"
 
 namespace lowbit {
 namespace {
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
-}
-
-at::Tensor pack_bits_cuda(const at::Tensor& values_in, int64_t bits) {
-  check_bits(bits);
-  check_uint8(values_in, "values");
-  const c10::cuda::CUDAGuard guard(values_in.device());
-  const at::Tensor values = values_in.contiguous();
-  const int64_t n = values.size(-1);
-  at::Tensor packed = at::empty(with_last(values, packed_length(n, static_cast<int>(bits))), values.options());
-  check_cuda(cuda::pack_bits(values.data_ptr<uint8_t>(), packed.data_ptr<uint8_t>(), leading_rows(values), n,
-                             static_cast<int>(bits), c10::cuda::getCurrentCUDAStream()),
-             "lowbit::pack_bits (cuda)");
-  return packed;
-}
-
-at::Tensor unpack_bits_cuda(const at::Tensor& packed_in, int64_t bits, int64_t n) {
-  check_unpack_args(packed_in, bits, n);
-  const c10::cuda::CUDAGuard guard(packed_in.device());
-  const at::Tensor packed = packed_in.contiguous();
-  at::Tensor values = at::empty(with_last(packed, n), packed.options());
-  check_cuda(cuda::unpack_bits(packed.data_ptr<uint8_t>(), values.data_ptr<uint8_t>(), leading_rows(packed), n,
-                               static_cast<int>(bits), c10::cuda::getCurrentCUDAStream()),
-             "lowbit::unpack_bits (cuda)");
-  return values;
-}
-
-// ---- dfloat -----------------------------------------------------------------------------------
 
 cuda::dfloat::DType dfloat_dtype(at::ScalarType dtype) {
   switch (dtype) {
@@ -63,12 +26,6 @@ void check_dfloat_cuda(const at::Tensor& codes, int64_t window_bits, int64_t win
               cuda::dfloat::kMaxWindowsPerBlock, " for the CUDA kernels, got ", windows_per_block);
   TORCH_CHECK(window_bits <= cuda::dfloat::kMaxWindowBits, "window_bits must be <= ", cuda::dfloat::kMaxWindowBits,
               " for the CUDA kernels, got ", window_bits);
-}
-
-// The kernels read codes as 4-byte words and raw, table and x as 16-byte vectors. Fresh allocations
-// are aligned; a view at an odd offset into its storage is copied.
-at::Tensor aligned16(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 ? t : t.clone();
 }
 
 cuda::dfloat::Stream dfloat_stream(const at::Tensor& codes, const at::Tensor& raw, const at::Tensor& gaps,
@@ -154,78 +111,11 @@ at::Tensor dfloat_gemv_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, 
   return y;
 }
 
-// ---- int8 -------------------------------------------------------------------------------------
-
-cuda::int8::DType int8_dtype(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kBFloat16: return cuda::int8::DType::kBFloat16;
-    case at::kHalf: return cuda::int8::DType::kFloat16;
-    case at::kFloat: return cuda::int8::DType::kFloat32;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "dtype must be bfloat16, float16 or float32, got ", dtype);
-  return cuda::int8::DType::kFloat32;  // not reached
-}
-
-// One kernel, no host synchronization (usable under CUDA graph capture). x and static_mask are read
-// in 16-byte vectors when aligned, so a view at an odd offset is copied (x is an activation: small
-// next to the weight); col_flags starts zeroed, the kernel only sets it.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_prepass_cuda(const at::Tensor& x_in,
-                                                                             const at::Tensor& static_mask_in,
-                                                                             const at::Tensor& static_idx_in,
-                                                                             double threshold) {
-  int8_checks::check_prepass(x_in, static_mask_in, static_idx_in);
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor, got one on ", x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = aligned16(x_in.contiguous());
-  const at::Tensor static_mask = aligned16(static_mask_in.contiguous());
-  const at::Tensor static_idx = static_idx_in.contiguous();
-  const int64_t rows = x.size(0), cols = x.size(1), statics = static_idx.size(0);
-  at::Tensor xq = at::empty({rows, cols}, x.options().dtype(at::kChar));
-  at::Tensor row_scale = at::empty({rows}, x.options().dtype(at::kFloat));
-  at::Tensor col_flags = at::zeros({cols}, x.options().dtype(at::kByte));
-  at::Tensor x_static = at::empty({rows, statics}, x.options());
-  check_cuda(cuda::int8::prepass(int8_dtype(x.scalar_type()), x.const_data_ptr(), static_mask.const_data_ptr<uint8_t>(),
-                                 static_idx.const_data_ptr<int32_t>(), rows, cols, statics, threshold,
-                                 xq.data_ptr<int8_t>(), row_scale.data_ptr<float>(), col_flags.data_ptr<uint8_t>(),
-                                 x_static.data_ptr(), c10::cuda::getCurrentCUDAStream()),
-             "lowbit::int8_prepass (cuda)");
-  return {xq, row_scale, col_flags, x_static};
-}
-
-// The weight is not copied when it sits at an odd offset (the kernel then reads it byte by byte);
-// x is, when not 16-byte aligned.
-at::Tensor int8_gemv_cuda(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& weight_scale_in,
-                          const at::Tensor& static_idx_in, const at::Tensor& static_weight_in,
-                          const std::optional<at::Tensor>& bias_in) {
-  int8_checks::check_gemv(x_in, weight_in, weight_scale_in, static_idx_in, static_weight_in, bias_in);
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor, got one on ", x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = aligned16(x_in.contiguous());
-  const at::Tensor weight = weight_in.contiguous(), weight_scale = weight_scale_in.contiguous();
-  const at::Tensor static_idx = static_idx_in.contiguous(), static_weight = static_weight_in.contiguous();
-  const bool has_bias = bias_in.has_value() && bias_in->defined();
-  const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
-  const int64_t rows = x.size(0), in_features = x.size(1), out_features = weight.size(0);
-  at::Tensor y = at::empty({rows, out_features}, x.options());
-  check_cuda(cuda::int8::gemv(int8_dtype(x.scalar_type()), x.const_data_ptr(), weight.const_data_ptr<int8_t>(),
-                              weight_scale.const_data_ptr<float>(), static_idx.const_data_ptr<int32_t>(),
-                              static_weight.const_data_ptr(), has_bias ? bias.const_data_ptr() : nullptr, rows,
-                              in_features, out_features, static_idx.size(0), y.data_ptr(),
-                              c10::cuda::getCurrentCUDAStream()),
-             "lowbit::int8_gemv (cuda)");
-  return y;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
-  m.impl("_pack_bits_native", &pack_bits_cuda);
-  m.impl("_unpack_bits_native", &unpack_bits_cuda);
-  m.impl("_dfloat_decode_native", &dfloat_decode_cuda);
-  m.impl("_dfloat_gemv_native", &dfloat_gemv_cuda);
-  m.impl("_int8_prepass_native", &int8_prepass_cuda);
-  m.impl("_int8_gemv_native", &int8_gemv_cuda);
+  m.impl("dfloat_decode", &dfloat_decode_cuda);
+  m.impl("dfloat_gemv", &dfloat_gemv_cuda);
 }
 
 }  // namespace lowbit

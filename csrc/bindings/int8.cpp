@@ -1,0 +1,265 @@
+// Torch glue of the int8 family on the CPU: the pre-pass, the int8 GEMM with its epilogue, the
+// decomposed product (int8_matmul, int8_linear) and the weight-only GEMV.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <unordered_map>
+
+#include "bindings/int8.h"
+#include "cpu/int8.h"
+
+namespace lowbit {
+namespace {
+
+// Calls fn(Type<T>{}) with the C++ type of x's dtype (float, c10::BFloat16, c10::Half).
+template <typename Fn>
+auto dispatch_int8_dtype(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(Type<float>{});
+    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
+    case at::kHalf: return fn(Type<c10::Half>{});
+    default: TORCH_CHECK_TYPE(false, "x must be bfloat16, float16 or float32, got ", dtype);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_prepass_cpu(
+    const at::Tensor& x_in, const at::Tensor& static_mask_in, const at::Tensor& static_idx_in, double threshold) {
+  int8_checks::check_prepass(x_in, static_mask_in, static_idx_in);
+  const at::Tensor x = x_in.contiguous(), static_mask = static_mask_in.contiguous();
+  const at::Tensor static_idx = static_idx_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), S = static_idx.numel();
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor row_scale = at::empty({M}, x.options().dtype(at::kFloat));
+  at::Tensor col_flags = at::empty({K}, x.options().dtype(at::kByte));
+  at::Tensor x_static = at::empty({M, S}, x.options());
+  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    cpu::int8::prepass<T>(x.const_data_ptr<T>(), M, K, static_mask.const_data_ptr<uint8_t>(),
+                          static_idx.const_data_ptr<int32_t>(), S, static_cast<float>(threshold),
+                          xq.data_ptr<int8_t>(), row_scale.data_ptr<float>(), col_flags.data_ptr<uint8_t>(),
+                          x_static.data_ptr<T>());
+  });
+  return {xq, row_scale, col_flags, x_static};
+}
+
+// x_static @ static_weight^T in fp32, or an undefined tensor when there are no static columns.
+at::Tensor static_product(const at::Tensor& x_static, const at::Tensor& static_weight) {
+  if (x_static.size(1) == 0) return {};
+  return at::matmul(x_static.to(at::kFloat), static_weight.to(at::kFloat).t()).contiguous();
+}
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// Everything of the int8 GEMM after xq @ weight^T, which the caller ran and passes as acc [M, N]
+// (int32, or its exact fp32 image), with the outlier side product's factors dyn_x [M, D] and
+// dyn_w [D, N] (fp32, the int8 weight's flagged columns), all from lowbit/int8/cpu_gemm.py.
+at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_scale, const at::Tensor& weight_scale_in,
+                             const std::optional<at::Tensor>& dyn_x_in, const std::optional<at::Tensor>& dyn_w_in,
+                             const at::Tensor& x_static, const at::Tensor& static_weight,
+                             const std::optional<at::Tensor>& bias_in) {
+  int8_checks::check_epilogue(acc_in, row_scale, weight_scale_in, dyn_x_in, dyn_w_in, x_static, static_weight,
+                              bias_in);
+  const int64_t M = acc_in.size(0), N = acc_in.size(1);
+  at::Tensor y = at::empty({M, N}, x_static.options());
+  if (M == 0 || N == 0) return y;
+  const at::Tensor acc = acc_in.contiguous();
+  const at::Tensor dyn_x = dyn_x_in.has_value() ? dyn_x_in->contiguous() : at::Tensor();
+  const at::Tensor dyn_w = dyn_w_in.has_value() ? dyn_w_in->contiguous() : at::Tensor();
+  const at::Tensor stat_x = x_static.to(at::kFloat).contiguous();
+  const at::Tensor stat_w = static_weight.to(at::kFloat).t().contiguous();
+  const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  const cpu::int8::Side dyn{ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
+  const cpu::int8::Side stat{stat_x.const_data_ptr<float>(), stat_w.const_data_ptr<float>(), stat_x.size(1)};
+  dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    const auto run = [&](auto* acc_ptr) {
+      cpu::int8::epilogue(acc_ptr, M, N, row.const_data_ptr<float>(), weight_scale.const_data_ptr<float>(), dyn,
+                          stat, ptr_or_null<T>(bias), y.data_ptr<T>());
+    };
+    if (acc.scalar_type() == at::kInt) {
+      run(acc.const_data_ptr<int32_t>());
+    } else {
+      run(acc.const_data_ptr<float>());
+    }
+  });
+  return y;
+}
+
+// ---- the int8 GEMM ------------------------------------------------------------------------------
+// oneDNN's int8 kernels (onednn::qlinear_pointwise) with the weight packed once per weight tensor:
+// at::_int_mm repacks the weight at every call, which costs more than the product for small
+// batches. oneDNN wants unsigned activations, so xq goes in as xq + 128 (its sign bit flipped) with
+// a zero point of 128, and it returns the exact int32 accumulator rounded once to fp32, which is
+// what the epilogue would make of it. Some hosts' oneDNN kernels (AVX2 without VNNI) sum pairs of
+// u8 x s8 products in saturating int16, which is wrong for large values: a first call checks an
+// all-127 worst case (and a random case) against at::_int_mm, and only an exact oneDNN is used.
+
+const c10::OperatorHandle* find_op(const char* name) {
+  const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
+  return handle.has_value() ? new c10::OperatorHandle(*handle) : nullptr;  // kept for the process
+}
+
+struct OneDnn {
+  const c10::OperatorHandle* prepack = find_op("onednn::qlinear_prepack");
+  const c10::OperatorHandle* linear = find_op("onednn::qlinear_pointwise");
+
+  at::Tensor pack(const at::Tensor& weight) const {
+    torch::jit::Stack stack{weight, c10::IValue()};
+    prepack->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+
+  at::Tensor gemm(const at::Tensor& xq, const at::Tensor& packed, int64_t n) const {
+    const at::Tensor shifted = xq.view(at::kByte).bitwise_xor(0x80);  // int8 v -> uint8 v + 128
+    torch::jit::Stack stack{shifted, 1.0, int64_t(128), packed, at::ones({n}, at::kFloat),
+                            at::zeros({n}, at::kLong), c10::IValue(), 1.0, int64_t(0), c10::IValue(at::kFloat),
+                            std::string("none"), c10::List<std::optional<at::Scalar>>(), std::string("")};
+    linear->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+};
+
+// Below this many input features the packed path is not worth it (and oneDNN mishandles K = 1).
+constexpr int64_t kOneDnnMinK = 16;
+
+const OneDnn* onednn_if_exact() {
+  static const OneDnn* checked = []() -> const OneDnn* {
+    static const OneDnn dnn;
+    if (dnn.prepack == nullptr || dnn.linear == nullptr) return nullptr;
+    try {
+      const at::Tensor worst = at::full({5, 96}, 127, at::kChar), worst_w = at::full({7, 96}, 127, at::kChar);
+      at::Tensor rand = at::randint(-127, 128, {5, 96}, at::kChar), rand_w = at::randint(-127, 128, {7, 96}, at::kChar);
+      for (const auto& [x, w] : {std::pair{worst, worst_w}, std::pair{rand, rand_w}, std::pair{worst, rand_w.neg()}}) {
+        const at::Tensor want = at::_int_mm(x, w.t()).to(at::kFloat);
+        if (!at::equal(dnn.gemm(x, dnn.pack(w), w.size(0)), want)) return nullptr;
+      }
+    } catch (const std::exception&) {
+      return nullptr;
+    }
+    return &dnn;
+  }();
+  return checked;
+}
+
+// Packed weights, one per live weight tensor, valid while its version counter is unchanged (an
+// in-place change repacks; a change through .data bypasses the counter and is not seen).
+class PackedWeights {
+  using WeakRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+ public:
+  at::Tensor get(const OneDnn& dnn, const at::Tensor& weight) {
+    const uint32_t version = weight.is_inference() ? 0 : weight._version();
+    const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = entries_.find(key);
+      if (it != entries_.end() && it->second.version == version && it->second.ref.lock().get() == key) {
+        return it->second.packed;
+      }
+    }
+    at::Tensor packed = dnn.pack(weight);
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = entries_.begin(); it != entries_.end();) {  // drop entries of freed weights
+      it = it->second.ref.expired() ? entries_.erase(it) : std::next(it);
+    }
+    entries_.insert_or_assign(key, Entry{WeakRef(weight.getIntrusivePtr()), version, packed});
+    return packed;
+  }
+
+ private:
+  struct Entry {
+    WeakRef ref;
+    uint32_t version;
+    at::Tensor packed;
+  };
+  std::mutex mutex_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+};
+
+// xq int8 [M, K] @ weight int8 [N, K]^T -> the exact accumulator [M, N], int32 (or fp32 from oneDNN).
+// use_onednn = false runs at::_int_mm (to compare the two).
+at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, bool use_onednn = true) {
+  const int64_t M = xq.size(0), K = xq.size(1), N = weight.size(0);
+  if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, xq.options().dtype(at::kInt));
+  if (use_onednn && K >= kOneDnnMinK) {
+    if (const OneDnn* dnn = onednn_if_exact()) {
+      static PackedWeights packed;
+      return dnn->gemm(xq, packed.get(*dnn, weight), N);
+    }
+  }
+  return at::_int_mm(xq, weight.t());
+}
+
+// The outlier side product's factors over the flagged columns: dyn_x [M, D] (the outlier elements
+// of x, fp32) and dyn_w [D, N] (the int8 weight's columns there, fp32), or nothing when none is.
+std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> outlier_factors(
+    const at::Tensor& x, const at::Tensor& col_flags, const at::Tensor& weight, float threshold) {
+  if (!(threshold > 0) || !col_flags.any().item<bool>()) return {};
+  const at::Tensor cols = col_flags.nonzero().flatten();
+  const at::Tensor dyn_x = x.index_select(1, cols).to(at::kFloat);
+  return {at::where(dyn_x.abs() >= threshold, dyn_x, 0.0), weight.t().index_select(0, cols).to(at::kFloat)};
+}
+
+at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
+                           const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
+                           const at::Tensor& weight_scale, const at::Tensor& static_weight,
+                           const std::optional<at::Tensor>& bias, double threshold) {
+  int8_checks::check_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias);
+  const auto [dyn_x, dyn_w] = outlier_factors(x, col_flags, weight, static_cast<float>(threshold));
+  return int8_epilogue_cpu(int8_gemm(xq.contiguous(), weight.contiguous()), row_scale, weight_scale, dyn_x, dyn_w,
+                           x_static, static_weight, bias);
+}
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
+                           const at::Tensor& static_mask, const at::Tensor& static_idx,
+                           const at::Tensor& static_weight, const std::optional<at::Tensor>& bias, double threshold) {
+  int8_checks::check_weight(x, weight, weight_scale, static_weight, static_idx.size(0), bias);
+  const auto [xq, row_scale, col_flags, x_static] = int8_prepass_cpu(x, static_mask, static_idx, threshold);
+  const auto [dyn_x, dyn_w] = outlier_factors(x, col_flags, weight, static_cast<float>(threshold));
+  return int8_epilogue_cpu(int8_gemm(xq, weight.contiguous()), row_scale, weight_scale, dyn_x, dyn_w, x_static,
+                           static_weight, bias);
+}
+
+// lowbit::_int8_gemm(xq, weight, onednn): the GEMM alone; fp32 out when oneDNN ran, int32 else.
+at::Tensor int8_gemm_cpu(const at::Tensor& xq, const at::Tensor& weight, bool onednn) {
+  TORCH_CHECK_TYPE(xq.scalar_type() == at::kChar && weight.scalar_type() == at::kChar, "xq and weight must be int8");
+  TORCH_CHECK_VALUE(xq.dim() == 2 && weight.dim() == 2 && xq.size(1) == weight.size(1),
+                    "xq [M, K] and weight [N, K] must share K, got ", xq.sizes(), " and ", weight.sizes());
+  return int8_gemm(xq.contiguous(), weight.contiguous(), onednn);
+}
+
+at::Tensor int8_gemv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& weight_scale_in,
+                         const at::Tensor& static_idx, const at::Tensor& static_weight,
+                         const std::optional<at::Tensor>& bias_in) {
+  int8_checks::check_gemv(x_in, weight_in, weight_scale_in, static_idx, static_weight, bias_in);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), weight_scale = weight_scale_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor extra = static_product(x.index_select(1, static_idx.to(at::kLong)), static_weight);
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    cpu::int8::gemv<T>(x.const_data_ptr<T>(), M, K, weight.const_data_ptr<int8_t>(), N,
+                       weight_scale.const_data_ptr<float>(), ptr_or_null<float>(extra), ptr_or_null<T>(bias),
+                       y.data_ptr<T>());
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("int8_prepass", &int8_prepass_cpu);
+  m.impl("_int8_epilogue", &int8_epilogue_cpu);
+  m.impl("int8_gemv", &int8_gemv_cpu);
+  m.impl("int8_matmul", &int8_matmul_cpu);
+  m.impl("int8_linear", &int8_linear_cpu);
+  m.impl("_int8_gemm", &int8_gemm_cpu);
+}
+
+}  // namespace lowbit

@@ -1,0 +1,14 @@
+// The Python module lowbit._C. Importing it runs the TORCH_LIBRARY_IMPL blocks of every family's
+// glue (csrc/bindings/*.cpp), which attach the kernels to the schemas of python/lowbit/ops/.
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lowbit's compiled kernels; importing this module registers them with torch.ops.lowbit";
+  m.def("with_cuda", []() {
+#ifdef LOWBIT_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build includes the CUDA kernels");
+}
