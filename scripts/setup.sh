@@ -12,8 +12,16 @@ python="${PYTHON:-python3}"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 
 "${pip[@]}" install --upgrade pip setuptools wheel ninja
-# The CPU build of torch 2.13.0; an unpinned torch would pull several GB of CUDA packages.
-"$venv/bin/python" -c 'import torch' 2>/dev/null || "${pip[@]}" install "torch==${LOWBIT_TORCH_VERSION:-2.13.0}"
+# torch 2.13.0 from PyPI is the CUDA build on Linux (about 5 GB with its CUDA packages): take the CPU
+# build unless nvidia-smi sees a GPU. LOWBIT_TORCH_INDEX overrides the choice ("" for PyPI).
+if [ -z "${LOWBIT_TORCH_INDEX+set}" ]; then
+  LOWBIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+  if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then LOWBIT_TORCH_INDEX=""; fi
+fi
+index=()
+[ -z "$LOWBIT_TORCH_INDEX" ] || index=(--index-url "$LOWBIT_TORCH_INDEX")
+"$venv/bin/python" -c 'import torch' 2>/dev/null \
+  || "${pip[@]}" install ${index[@]+"${index[@]}"} "torch==${LOWBIT_TORCH_VERSION:-2.13.0}"
 # --no-build-isolation: build the extension against the torch installed above. The install is
 # editable, so only a change to the build inputs needs a rebuild.
 stamp="$venv/.lowbit-build-stamp"

@@ -300,34 +300,88 @@ def cmd_bench(args, extra: list[str]) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command line."""
+
+    def error(self, message):
+        self.exit(2, f"lowbit: error: {message} (see `{self.prog} --help`)\n")
+
+
+# Errors whose message states the problem by itself; any other type is named in the line.
+_EXPECTED_ERRORS = (lowbit.LowbitError, OSError, ValueError, TypeError)
+# Raised by safetensors for a file it cannot parse: an input problem, not a bug. Matched by name so
+# that the command line imports safetensors only in the commands that read files.
+_FILE_ERRORS = ("SafetensorError",)
+
+
+def _error_line(e: Exception, args) -> str:
+    """One line for an error raised while running a command: its message, the type when the message
+    alone would not say what failed, and the command's files when the message names none of them."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        package = e.name.split(".")[0]
+        return f"`lowbit {args.command}` needs the package {package}, which is not installed (pip install {package})"
+    if isinstance(e, OSError) and e.filename is not None:
+        message = f"{e.filename}: {e.strerror or e}"
+    else:
+        message = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, _EXPECTED_ERRORS):
+        message = f"{type(e).__name__}: {message}"
+    files = [str(getattr(args, name)) for name in ("input", "output") if getattr(args, name, None)]
+    if files and not any(f in message for f in files):
+        message += f" (while running lowbit {args.command} {' '.join(files)})"
+    if not (isinstance(e, _EXPECTED_ERRORS) or type(e).__name__ in _FILE_ERRORS or args.debug):
+        message += "; --debug shows the traceback"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lowbit", description=lowbit.__doc__.splitlines()[0])
+    parser = _Parser(prog="lowbit", description=lowbit.__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    # Accepted after the subcommand too; SUPPRESS keeps a --debug given before it from being reset.
+    debug_after = argparse.ArgumentParser(add_help=False)
+    debug_after.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, show the full traceback")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="run every available backend on built-in data and check it")
-    p_info = sub.add_parser("info", help="show the extension and which backends can run")
-    p_bench = sub.add_parser("bench", help="run the benchmarks (extra arguments go to pytest, e.g. -k bits4)")
+    p_demo = sub.add_parser("demo", parents=[debug_after],
+                            help="run every available backend on built-in data and check it")
+    p_info = sub.add_parser("info", parents=[debug_after], help="show the extension and which backends can run")
+    p_bench = sub.add_parser("bench", parents=[debug_after],
+                             help="run the benchmarks (extra arguments go to pytest, e.g. -k bits4)")
     for p in (p_demo, p_info, p_bench):
         p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when visible")
     p_bench.add_argument("--path", help="benchmark folder (default: bench/ of the source checkout)")
     p_bench.add_argument("--out", help="results JSON path (default: bench/results/<date>_<device>.json)")
     p_bench.add_argument("--quick", action="store_true", help="small shapes, few rounds")
-    p_compress = sub.add_parser("compress", help="compress a safetensors file losslessly (dfloat)")
+    p_compress = sub.add_parser("compress", parents=[debug_after],
+                                help="compress a safetensors file losslessly (dfloat)")
     p_compress.add_argument("input")
     p_compress.add_argument("output")
     p_compress.add_argument("--quiet", action="store_true", help="no progress bar")
-    p_decompress = sub.add_parser("decompress", help="restore a file written by `lowbit compress`, bit for bit")
+    p_decompress = sub.add_parser("decompress", parents=[debug_after],
+                                  help="restore a file written by `lowbit compress`, bit for bit")
     p_decompress.add_argument("input")
     p_decompress.add_argument("output")
-    p_inspect = sub.add_parser("inspect", help="list the compressed tensors of a file and their bits/weight")
+    p_inspect = sub.add_parser("inspect", parents=[debug_after],
+                               help="list the compressed tensors of a file and their bits/weight")
     p_inspect.add_argument("input")
     args, extra = parser.parse_known_args(argv)
-    if args.command == "bench":
-        return cmd_bench(args, extra)
-    if extra:
+    if args.command != "bench" and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     commands = {"demo": cmd_demo, "info": cmd_info, "compress": cmd_compress, "decompress": cmd_decompress,
                 "inspect": cmd_inspect}
-    return commands[args.command](args)
+    try:
+        return cmd_bench(args, extra) if args.command == "bench" else commands[args.command](args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        return 130
+    except Exception as e:
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"lowbit: error: {_error_line(e, args)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
