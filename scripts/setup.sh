@@ -18,8 +18,10 @@ if [ -z "${LOWBIT_TORCH_INDEX+set}" ]; then
   LOWBIT_TORCH_INDEX=https://download.pytorch.org/whl/cpu
   if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then LOWBIT_TORCH_INDEX=""; fi
 fi
+# An extra index, not a replacement: torch's dependencies still come from PyPI, and a wheel already
+# on this machine (pip's find-links) still counts; 2.13.0+cpu ranks above PyPI's 2.13.0.
 index=()
-[ -z "$LOWBIT_TORCH_INDEX" ] || index=(--index-url "$LOWBIT_TORCH_INDEX")
+[ -z "$LOWBIT_TORCH_INDEX" ] || index=(--extra-index-url "$LOWBIT_TORCH_INDEX")
 "$venv/bin/python" -c 'import torch' 2>/dev/null \
   || "${pip[@]}" install ${index[@]+"${index[@]}"} "torch==${LOWBIT_TORCH_VERSION:-2.13.0}"
 # --no-build-isolation: build the extension against the torch installed above. The install is
