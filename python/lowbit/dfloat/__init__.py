@@ -15,7 +15,11 @@ from lowbit.dfloat.format import (
     decompress_state_dict,
     entropy_bound,
 )
+from lowbit.dfloat.linear import DFloatLinear
+from lowbit.registry import Family, register
 
 __all__ = [
     "FORMAT_VERSION", "DFloatTensor", "compress", "compress_state_dict", "decompress_state_dict", "entropy_bound",
 ]
+
+register(Family("dfloat", DFloatLinear, description="lossless: Huffman-coded exponents, bit-exact outputs"))
