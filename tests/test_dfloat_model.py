@@ -15,9 +15,9 @@ def test_quantize_swaps_every_linear_and_keeps_outputs():
     model = model.to(torch.bfloat16)
     x = torch.randn(3, 32).to(torch.bfloat16)
     expected = model(x)
-    lowbit.quantize(model, "dfloat", skip=("2.1",), progress=False)
+    lowbit.quantize(model, "dfloat", filter_fn=lambda module, fqn: fqn != "2.1", progress=False)
     assert isinstance(model[0], DFloatLinear) and isinstance(model[2][0], DFloatLinear)
-    assert type(model[2][1]) is nn.Linear, "skipped by prefix"
+    assert type(model[2][1]) is nn.Linear, "left out by filter_fn"
     assert torch.equal(bits_view(model(x)), bits_view(expected))
 
 

@@ -4,14 +4,15 @@ Kernels are ``torch.library`` custom ops in the ``lowbit`` namespace (``lowbit.o
 that runs them is chosen by one rule (``lowbit.backend``).
 """
 
-from lowbit import backend, ops
+from lowbit import backend, ops, registry
 from lowbit import dfloat, int8, nn
-from lowbit.quantize import quantize
+from lowbit import quantization
+from lowbit.quantization import quantize
 from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "int8", "nn", "ops", "quantize",
-    "__version__",
+    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "int8", "nn", "ops", "quantization",
+    "quantize", "registry", "__version__",
 ]

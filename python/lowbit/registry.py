@@ -1,18 +1,69 @@
-"""PLACEHOLDER until merged"""
+"""The families lowbit knows: each registers itself here, and ``quantize``, save/load, the CLI and
+the demo iterate over this registry instead of naming families.
+
+A family's package ends with one line, e.g.::
+
+    register(Family("int8", Int8Linear, calibration="absmax", description="..."))
+"""
+
 from __future__ import annotations
-import dataclasses
+
+import argparse
+from dataclasses import dataclass
 from typing import Callable
-@dataclasses.dataclass(frozen=True)
+
+import torch
+
+CALIBRATION_STATISTICS = ("absmax", "xtx")
+
+
+@dataclass(frozen=True)
 class Family:
+    """What the shared code needs to know about one family of formats.
+
+    name: what users pass as ``method`` ("int8").
+    module: its drop-in module class, built by ``module.from_linear(linear, **options)``.
+    calibration: the statistic ``quantize(..., calibration=batches)`` collects for each layer
+        (see ``lowbit.quantization.COLLECTORS``): "absmax", "xtx", or None when it takes none.
+    demo: a ``lowbit demo`` section run on a device; returns whether it passed.
+    add_cli: adds the family's subcommands to the ``lowbit`` parser.
+    """
+
     name: str
     module: type
     calibration: str | None = None
-    demo: Callable | None = None
-    add_cli: Callable | None = None
+    demo: Callable[[torch.device], bool] | None = None
+    add_cli: Callable[[argparse._SubParsersAction], None] | None = None
     description: str = ""
-_F = {}
-def register(f):
-    _F[f.name] = f
-    return f
-def get(name): return _F[name]
-def families(): return tuple(_F.values())
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Add ``family``; a second family of the same name is refused, since ``get`` could not tell
+    them apart."""
+    if not isinstance(family, Family):
+        raise TypeError(f"family must be a lowbit.registry.Family, got {type(family).__name__}")
+    if family.calibration not in (None, *CALIBRATION_STATISTICS):
+        raise ValueError(f"calibration of family {family.name!r} must be None or one of "
+                         f"{', '.join(CALIBRATION_STATISTICS)}, got {family.calibration!r}")
+    if family.name in _FAMILIES:
+        raise ValueError(f"a family named {family.name!r} is already registered "
+                         f"({_FAMILIES[family.name].module.__qualname__})")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get(name: str) -> Family:
+    """The family registered as ``name``."""
+    try:
+        return _FAMILIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"name must be a registered family ({', '.join(_FAMILIES) or 'none registered'}), "
+                         f"got {name!r}") from None
+
+
+def families() -> tuple[Family, ...]:
+    """Every registered family, in registration order."""
+    return tuple(_FAMILIES.values())

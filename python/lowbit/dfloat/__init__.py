@@ -15,12 +15,11 @@ from lowbit.dfloat.format import (
     decompress_state_dict,
     entropy_bound,
 )
+from lowbit.dfloat.linear import DFloatLinear
+from lowbit.registry import Family, register
 
 __all__ = [
     "FORMAT_VERSION", "DFloatTensor", "compress", "compress_state_dict", "decompress_state_dict", "entropy_bound",
 ]
 
-from lowbit.dfloat.linear import DFloatLinear  # noqa: E402
-from lowbit.registry import Family, register  # noqa: E402
-
-register(Family("dfloat", DFloatLinear, description="lossless: Huffman-coded exponents, raw sign and mantissa"))
+register(Family("dfloat", DFloatLinear, description="lossless: Huffman-coded exponents, bit-exact outputs"))

@@ -7,10 +7,9 @@ form (docs/formats.md, "int8"). The exact definition of the product is in
 
 from lowbit.int8.format import Int8Weight, quantize_linear, static_columns
 from lowbit.int8.linear import Int8Linear
+from lowbit.registry import Family, register
 
 __all__ = ["Int8Linear", "Int8Weight", "quantize_linear", "static_columns"]
-
-from lowbit.registry import Family, register  # noqa: E402
 
 register(Family("int8", Int8Linear, calibration="absmax",
                 description="LLM.int8(): int8 weights, outlier activations in 16 bit"))
