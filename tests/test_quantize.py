@@ -229,12 +229,13 @@ def test_each_original_is_freed_once_replaced(scratch_registry):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads RSS from /proc")
-def test_peak_memory_is_the_model_and_about_one_layer():
+@pytest.mark.parametrize("method", ["dfloat", "int8"])
+def test_peak_memory_is_the_model_and_about_one_layer(method):
     """Peak RSS while quantizing a 103 MB fp32 model stays within the model plus its two largest
     layers (dfloat: its from_linear needs about half a layer besides the result). Holding the
     originals, as lowbit did before, adds the compressed copies (80% of the model here): the same
     measurement then exceeds the bound, which shows the test can fail."""
-    reports = {keep: quantize_memory.measure("dfloat", keep_originals=keep) for keep in (False, True)}
+    reports = {keep: quantize_memory.measure(method, keep_originals=keep) for keep in (False, True)}
     for keep, r in reports.items():
         bound = r["model_bytes"] + sum(r["layer_bytes"][:2])
         peak = r["peak_rss"] - r["baseline_rss"]

@@ -58,16 +58,21 @@ def _inverse_scale(absmax: torch.Tensor) -> torch.Tensor:
 def quantize_weight(weight: torch.Tensor, static_idx: torch.Tensor | None = None):
     """W [out, in] -> (weight int8 [out, in], weight_scale fp32 [out], static_weight [out, S]).
 
-    ``static_idx``: int [S] of input columns kept in 16-bit (may be empty or None).
+    ``static_idx``: int [S] of input columns kept in 16-bit (may be empty or None). Rows are
+    independent; they are quantized in chunks of about 1M weights so that the fp32 temporaries
+    stay small next to the layer (whole models are converted layer by layer).
     """
-    w = weight.detach().float()
-    out_features, in_features = w.shape
-    static = static_mask(static_idx, in_features, w.device)
-    w_int = w.masked_fill(static, 0.0)
-    absmax = w_int.abs().amax(dim=1) if in_features else w.new_zeros(out_features)
-    scale = absmax / torch.full_like(absmax, QMAX)  # a true division on every device
-    q = _round_to_int8(w_int * _inverse_scale(absmax)[:, None])
-    idx = _index(static_idx, w.device)
+    out_features, in_features = weight.shape
+    static = static_mask(static_idx, in_features, weight.device)
+    q = torch.empty(out_features, in_features, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
+    chunk = max(1, (1 << 20) // max(1, in_features))
+    for start in range(0, out_features, chunk):
+        w_int = weight.detach()[start:start + chunk].float().masked_fill(static, 0.0)
+        absmax = w_int.abs().amax(dim=1) if in_features else w_int.new_zeros(w_int.shape[0])
+        scale[start:start + chunk] = absmax / torch.full_like(absmax, QMAX)  # a true division on every device
+        q[start:start + chunk] = _round_to_int8(w_int.mul_(_inverse_scale(absmax)[:, None]))
+    idx = _index(static_idx, weight.device)
     return q, scale, weight.detach()[:, idx].clone()
 
 
