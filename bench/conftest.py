@@ -54,7 +54,9 @@ def pytest_sessionfinish(session, exitstatus):
         "date": now.isoformat(timespec="seconds"),
         "device": harness.device_name(device),
         "peaks": harness.device_peaks(device),
+        "device_facts": harness.device_facts(device),
         "versions": harness.versions(),
+        "timing": harness.timing_method(device),
         # CPU timings are only as good as the machine was quiet: 1/5/15-minute load averages at the end.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),

@@ -32,12 +32,12 @@ def test_bitpack(benchmark, device, quick, op, backend, bits, shape_index):
     values = torch.randint(0, 1 << bits, (rows, n), dtype=torch.uint8, device=device)
     packed = lowbit.ops.pack_bits(values, bits, backend="reference")
     if op == "pack_bits":
-        fn = lambda: lowbit.ops.pack_bits(values, bits, backend=backend)  # noqa: E731
+        fn, weights = (lambda v: lowbit.ops.pack_bits(v, bits, backend=backend)), (values,)
     else:
-        fn = lambda: lowbit.ops.unpack_bits(packed, bits, n, backend=backend)  # noqa: E731
+        fn, weights = (lambda p: lowbit.ops.unpack_bits(p, bits, n, backend=backend)), (packed,)
     if backend == "baseline":
         # torch's dense op on the unpacked tensor: a copy of it, the bandwidth bound of both ops
-        fn = values.clone
+        fn, weights = torch.clone, (values,)
         moved = 2 * values.numel()
     else:
         moved = values.numel() + packed.numel()
@@ -46,4 +46,4 @@ def test_bitpack(benchmark, device, quick, op, backend, bits, shape_index):
         shapes={"values": [rows, n], "packed": list(packed.shape)}, dtype="uint8",
         bytes_moved=moved, extra={"bits": bits},
     )
-    measure(benchmark, case, fn, device, rounds=5 if quick else 20)
+    measure(benchmark, case, fn, device, weights=weights, rounds=5 if quick else 20)
