@@ -224,3 +224,39 @@ def test_native_encoder_refuses_inconsistent_code_tables():
     missing[int(counts.argmax())] = 0
     with pytest.raises(ValueError, match="has no code"):
         torch.ops.lowbit.dfloat_encode(x, missing, codewords(lengths), total, 256, 128)
+
+
+def test_native_encoder_refuses_codes_and_windows_beyond_the_format():
+    """The decoders peek 12 bits and the gaps hold 4: the C++ encoder refuses a longer code (which
+    it would write but no decoder could read) and window shapes beyond the format's limits."""
+    skip_unless_available("cpu", "cpu")
+    from lowbit.dfloat.format import codewords
+
+    x = minilm_weight()[:4].to(torch.bfloat16)
+    counts = ref.histogram(ref.split_fields(x)[0])
+    lengths = ref.code_lengths(counts)
+    total = int((counts * lengths.long()).sum())
+    words = codewords(lengths)
+    long = lengths.clone()
+    s = int(counts.argmax())
+    long[s] = 40
+    with pytest.raises(ValueError, match=f"lengths\\[{s}\\] = 40: codes are at most 12 bits long"):
+        torch.ops.lowbit.dfloat_encode(x, long, words, total, 256, 128)
+    for window_bits, windows_per_block in ((1 << 21, 128), (48, 128), (256, 1025), (256, 0)):
+        with pytest.raises(ValueError, match="window_bits must be a multiple of 32"):
+            torch.ops.lowbit.dfloat_encode(x, lengths, words, total, window_bits, windows_per_block)
+        with pytest.raises(ValueError, match="window_bits must be a multiple of 32"):
+            compress(x, window_bits=window_bits, windows_per_block=windows_per_block)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_decoders_refuse_window_shapes_beyond_the_format(backend):
+    skip_unless_available(backend, "cpu")
+    d = compress(minilm_weight()[:2].to(torch.bfloat16))
+    with pytest.raises(FormatError, match="window_bits must be a multiple of 32"):
+        lowbit.ops.dfloat_decode(*d.stream_args(), d.numel(), d.dtype, d.total_bits, 1 << 21, d.windows_per_block,
+                                 backend=backend)
+    if backend == "cpu":  # the native op alone: the same words, as a ValueError starting "corrupted"
+        with pytest.raises(ValueError, match="^corrupted dfloat stream: window_bits must be"):
+            torch.ops.lowbit.dfloat_decode(*d.stream_args(), d.numel(), d.dtype, d.total_bits, 1 << 21,
+                                           d.windows_per_block)

@@ -1,7 +1,9 @@
 """DFloatLinear in place of nn.Linear: identical outputs, state dicts, compile, devices."""
 
+import copy
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import lowbit
@@ -94,16 +96,28 @@ def test_torch_compile_fullgraph():
     assert torch.equal(bits_view(compiled(x)), bits_view(linear(x)))
 
 
-def test_moving_between_devices_never_recompresses(monkeypatch):
+def test_moving_between_devices_and_dtypes_never_recompresses(monkeypatch):
     module = DFloatLinear.from_linear(_minilm_linear(torch.float16))
     codes = module.weight_codes
+    x = torch.randn(3, 384)
 
     def fail(*args, **kwargs):
-        raise AssertionError("compress was called")
+        raise AssertionError("the weight was compressed again")
 
+    # Both names: the module's own import and the format's.
+    monkeypatch.setattr(lowbit.dfloat.linear, "compress", fail)
     monkeypatch.setattr(lowbit.dfloat.format, "compress", fail)
-    moved = module.to("cpu").to(torch.device("cpu"))
-    assert moved.weight_codes is codes
+    module.to(torch.bfloat16)
+    assert module.dtype == torch.bfloat16 and module.weight_codes is codes
+    module.float()
+    assert module.dtype == torch.float32 and module.weight_codes is codes
+    assert torch.equal(module(x), F.linear(x, module.compressed_weight.decompress().float(), module.bias))
+    meta = copy.deepcopy(module).to("meta")
+    assert meta.weight_codes.device.type == "meta" and meta.weight_codes.shape == codes.shape
+    if torch.cuda.is_available():
+        moved = copy.deepcopy(module).to("cuda")
+        assert torch.equal(moved.weight_codes.cpu(), codes)
+        assert torch.equal(moved(x.cuda()).cpu(), F.linear(x.cuda(), moved.dequantize(), moved.bias).cpu())
 
 
 def test_bad_input_names_the_argument():
