@@ -91,9 +91,10 @@ def device_peaks(device: torch.device) -> dict:
 
 
 def device_facts(device: torch.device) -> dict:
-    """What a GPU result depends on besides its name: capability, multiprocessors, L2, memory."""
+    """What a result depends on besides the device's name: on a GPU its capability, multiprocessors,
+    L2 and memory; on a CPU its vector ISA (CPU paths are chosen per ISA, so every CPU figure names it)."""
     if device.type != "cuda":
-        return {}
+        return {"isa": cpu_isa(), "threads": torch.get_num_threads()}
     props = torch.cuda.get_device_properties(device)
     return {
         "name": props.name,
@@ -102,6 +103,24 @@ def device_facts(device: torch.device) -> dict:
         "l2_bytes": l2_bytes(device),
         "memory_bytes": props.total_memory,
     }
+
+
+# The x86 flags that decide which CPU kernels can run, in /proc/cpuinfo's names.
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16",
+             "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_isa() -> list[str]:
+    """The ISA_FLAGS this CPU has (Linux; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in ISA_FLAGS if flag in have]
+    except OSError:
+        pass
+    return []
 
 
 @functools.lru_cache(maxsize=None)

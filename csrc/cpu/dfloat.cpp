@@ -425,20 +425,33 @@ bool decode_blocks(const Input& in, const MultiEntry<kCodes>* multi, int64_t fir
 // runs of neighbouring tasks that write about 2 MiB of output, so that they first touch (page
 // fault) different huge pages of a fresh output instead of taking turns in the same one; runs
 // that short still balance the load.
+// Below this many elements the decoder runs on the calling thread.
+constexpr int64_t kParallelMin = int64_t(1) << 16;
+
 template <int kCodes, bool kCheck, typename Bits>
 bool decode_all(const Input& in, const MultiEntry<kCodes>* multi, int64_t n, Bits* out) {
   const int64_t tasks = (in.blocks + kLanes - 1) / kLanes;
+  const auto decode_task = [&](int64_t task, uint8_t* buffer) {
+    const int64_t first = task * kLanes;
+    const int count = static_cast<int>(std::min<int64_t>(kLanes, in.blocks - first));
+    return decode_blocks<kCodes, kCheck>(in, multi, first, count, buffer, out);
+  };
+  if (n <= kParallelMin) {
+    // A small tensor (a layer decoded at every forward) on the calling thread, without an OpenMP
+    // region and with a kept buffer: their set-up would cost more than the decoding.
+    thread_local std::vector<uint8_t> buffer;
+    if (buffer.size() < static_cast<size_t>(kLanes * in.max_block_codes)) buffer.resize(kLanes * in.max_block_codes);
+    bool ok = true;
+    for (int64_t task = 0; task < tasks; ++task) ok &= decode_task(task, buffer.data());
+    return ok;
+  }
   const int64_t run = std::max<int64_t>(1, (int64_t(2) << 20) * tasks / (n * int64_t(sizeof(Bits)) + 1));
   int corrupt = 0;
-#pragma omp parallel reduction(| : corrupt) if (n > (1 << 16))
+#pragma omp parallel reduction(| : corrupt)
   {
     std::vector<uint8_t> buffer(kLanes * in.max_block_codes);
 #pragma omp for schedule(dynamic, run)
-    for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t first = task * kLanes;
-      const int count = static_cast<int>(std::min<int64_t>(kLanes, in.blocks - first));
-      corrupt |= !decode_blocks<kCodes, kCheck>(in, multi, first, count, buffer.data(), out);
-    }
+    for (int64_t task = 0; task < tasks; ++task) corrupt |= !decode_task(task, buffer.data());
   }
   return !corrupt;
 }
