@@ -3,7 +3,7 @@
 Streams come from the reference encoder, from real-looking weights and from adversarial bit
 patterns; small windows and blocks make even short streams cross many of them. Decode must be
 bit-exact (``torch.equal`` on the integer view); gemv must stay within the fp32-accumulation bound
-derived in ``_gemv_tolerance``. Shapes are small: on CPU the kernels run in Triton's interpreter.
+derived in ``helpers.fp32_linear_bound``. Shapes are small: on CPU the kernels run in Triton's interpreter.
 """
 
 import pytest
@@ -15,6 +15,7 @@ from lowbit.errors import FormatError
 from lowbit.reference import dfloat as ref
 
 from conftest import skip_unless_available
+from helpers import fp32_linear_bound
 
 
 def _opcheck_utils(backend: str, device) -> tuple[str, ...]:
@@ -201,20 +202,6 @@ def test_decode_rejects_corrupt_stream(device, what):
 # ---- gemv ------------------------------------------------------------------------------------
 
 
-def _gemv_tolerance(x, weight, bias):
-    """Elementwise bound on |y - (x @ W.T + bias)| for fp32 accumulation, then one rounding to x.dtype.
-
-    With S = |x| @ |W|.T + |bias|: summing the k = in_features products and the bias in fp32, in
-    any order or tree, with or without FMA, errs by at most gamma_(k+1) * S <= (k + 1) * eps32 * S
-    (gamma_m = m u / (1 - m u), u = eps32 / 2); rounding to x.dtype adds at most
-    eps(x.dtype) / 2 * |y| <= eps(x.dtype) * S."""
-    s = x.double().abs() @ weight.double().abs().T
-    if bias is not None:
-        s = s + bias.double().abs()
-    k = x.shape[1]
-    return ((k + 1) * torch.finfo(torch.float32).eps + torch.finfo(x.dtype).eps) * s
-
-
 def _assert_within(got, want, tol, what):
     err = (got.cpu().double() - want.double()).abs()
     worst = int((err - tol).argmax())
@@ -231,7 +218,7 @@ def _check_gemv(x, weight, bias, layout, device):
     assert got.dtype == x.dtype and got.shape == (x.shape[0], out_features) and got.device.type == device
     expected = ref.gemv(x, *stream, *args, bias)
     exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    tol = _gemv_tolerance(x, weight, bias)
+    tol = fp32_linear_bound(x, weight, bias)
     _assert_within(expected, exact, tol, "reference vs fp64")  # the bound is sound
     _assert_within(got, exact, tol, "triton vs fp64")
     _assert_within(got, expected, 2 * tol, "triton vs reference")
@@ -307,7 +294,7 @@ def test_ops_route_to_triton(device, dtype):
     bias = torch.randn(7, generator=g).to(dtype).to(device)
     got = lowbit.ops.dfloat_gemv(x, *stream, 7, total_bits, 64, 4, bias, backend="triton")
     expected = ref.gemv(x.cpu().contiguous(), *(t.cpu() for t in stream), 7, total_bits, 64, 4, bias.cpu())
-    _assert_within(got, expected, 2 * _gemv_tolerance(x.cpu(), weight, bias.cpu()), "triton vs reference")
+    _assert_within(got, expected, 2 * fp32_linear_bound(x.cpu(), weight, bias.cpu()), "triton vs reference")
 
 
 def test_opcheck(device):

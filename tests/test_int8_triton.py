@@ -2,7 +2,7 @@
 
 Every call goes through the public ops with backend="triton". The pre-pass must be bit-exact
 (xq, col_flags and x_static compared bit for bit, row_scale exactly with NaN where the reference
-has NaN); the products must stay within the fp32-accumulation bound derived in ``_tolerance``,
+has NaN); the products must stay within the fp32-accumulation bound derived in ``helpers.fp32_sum_tolerance``,
 which ``test_tolerance_rejects_missing_terms`` shows is tight enough to catch a dropped term.
 Shapes are small: on CPU the kernels run in Triton's interpreter; they still cross the kernels'
 tiles (K tiles of 32 to 256, N tiles of 16 to 128, M tiles of 16 to 128).
@@ -16,6 +16,7 @@ import lowbit
 from lowbit.reference import int8 as ref
 
 from conftest import skip_unless_available
+from helpers import fp32_sum_tolerance
 
 
 def _opcheck_utils(backend: str, device) -> tuple[str, ...]:
@@ -27,7 +28,6 @@ def _opcheck_utils(backend: str, device) -> tuple[str, ...]:
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-EPS32 = torch.finfo(torch.float32).eps
 
 # The interpreter computes NaN and Inf rows with numpy, which warns about them.
 pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|divide by zero|overflow) encountered:RuntimeWarning")
@@ -104,20 +104,6 @@ def _assert_exact(got, want, what):
     assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0)), f"{what} differs"
 
 
-def _tolerance(dtype, want, terms, counts):
-    """Elementwise bound on |got - want| for two fp32 evaluations of the same sum, rounded to dtype.
-
-    ``terms`` are the magnitudes of the summed parts (|products| summed: |a| @ |b|), ``counts``
-    the number of fp32 additions inside each. A part of c additions and one scaling errs by at
-    most (c + 1) * u * term (u = eps32 / 2), the final additions of the parts by 3 u * total;
-    both results err so, in any order or tree, with or without FMA; rounding each to dtype then
-    differs by at most one ulp of the larger, <= eps(dtype) * |value|."""
-    total = sum(terms)
-    d = EPS32 * (3 * total + sum((c + 1) * t for t, c in zip(terms, counts)))  # 2 results x u
-    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
-    return d + eps * (want.double().abs() + d) + torch.finfo(dtype).smallest_normal
-
-
 def _assert_within(got, want, tol, what):
     """NaN and +-Inf where the reference has them, the finite values within ``tol``."""
     got = got.cpu()
@@ -142,7 +128,7 @@ def _matmul_tolerance(x, xq, row_scale, col_flags, x_static, weight, weight_scal
     t_static = x_static.double().abs() @ static_weight.double().abs().T
     t_bias = 0.0 if bias is None else bias.double().abs()[None, :]
     terms = [t_int.nan_to_num(), t_dyn.nan_to_num(), t_static.nan_to_num(), t_bias]
-    return _tolerance(x.dtype, want, terms, [2, int(col_flags.sum()), x_static.shape[1], 0])
+    return fp32_sum_tolerance(x.dtype, want, terms, [2, int(col_flags.sum()), x_static.shape[1], 0])
 
 
 def _gemv_tolerance(x, weight, weight_scale, static_idx, static_weight, bias, want):
@@ -150,7 +136,7 @@ def _gemv_tolerance(x, weight, weight_scale, static_idx, static_weight, bias, wa
     t_static = x[:, static_idx.long()].double().abs() @ static_weight.double().abs().T
     t_bias = 0.0 if bias is None else bias.double().abs()[None, :]
     terms = [t_main.nan_to_num(), t_static.nan_to_num(), t_bias]
-    return _tolerance(x.dtype, want, terms, [x.shape[1], static_idx.shape[0], 0])
+    return fp32_sum_tolerance(x.dtype, want, terms, [x.shape[1], static_idx.shape[0], 0])
 
 
 # ---- pre-pass --------------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""Helpers shared by the test files: dtype lists, test ids, bit comparison, fp32 tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT16_DTYPES = (torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def param_id(value) -> str:
+    """A test id for a parameter: dtypes without "torch.", shapes as 3x7."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, tuple):
+        return "x".join(map(str, value))
+    return str(value)
+
+
+def assert_bits_equal(a: torch.Tensor, b: torch.Tensor, what: str = "tensors") -> None:
+    """``a`` and ``b`` hold the same bit patterns (NaN payloads, -0.0 and all): torch.equal on
+    their integer views. On failure, says where the first difference is and both bit patterns."""
+    assert a.dtype == b.dtype and a.shape == b.shape, (
+        f"{what}: {a.dtype} {list(a.shape)} vs {b.dtype} {list(b.shape)}")
+    view = _INT_VIEW[a.element_size()]
+    ia, ib = a.detach().cpu().contiguous().view(view), b.detach().cpu().contiguous().view(view)
+    if torch.equal(ia, ib):
+        return
+    differ = ia != ib
+    first = tuple(differ.nonzero()[0].tolist())
+    width = 2 * a.element_size()
+    mask = (1 << (8 * a.element_size())) - 1
+    raise AssertionError(
+        f"{what} differ at {int(differ.sum())} of {a.numel()} elements; first at index {first}: "
+        f"{a[first].item()!r} (0x{int(ia[first]) & mask:0{width}x}) vs "
+        f"{b[first].item()!r} (0x{int(ib[first]) & mask:0{width}x})")
+
+
+def fp32_sum_tolerance(dtype: torch.dtype, want: torch.Tensor, terms, counts) -> torch.Tensor:
+    """Elementwise bound on |got - want| for two fp32 evaluations of the same sum, rounded to dtype.
+
+    ``terms`` are the magnitudes of the summed parts (|products| summed: |a| @ |b|), ``counts``
+    the number of fp32 additions inside each. A part of c additions and one scaling errs by at
+    most (c + 1) * u * term (u = eps32 / 2), the final additions of the parts by 3 u * total;
+    both results err so, in any order or tree, with or without FMA; rounding each to dtype then
+    differs by at most one ulp of the larger, <= eps(dtype) * |value|."""
+    eps32 = torch.finfo(torch.float32).eps
+    total = sum(terms)
+    d = eps32 * (3 * total + sum((c + 1) * t for t, c in zip(terms, counts)))  # 2 results x u
+    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
+    return d + eps * (want.double().abs() + d) + torch.finfo(dtype).smallest_normal
+
+
+def fp32_linear_bound(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """Elementwise bound on |y - (x @ W.T + bias)| for fp32 accumulation, then one rounding to x.dtype.
+
+    With S = |x| @ |W|.T + |bias|: summing the k = in_features products and the bias in fp32, in
+    any order or tree, with or without FMA, errs by at most gamma_(k+1) * S <= (k + 1) * eps32 * S
+    (gamma_m = m u / (1 - m u), u = eps32 / 2); rounding to x.dtype adds at most
+    eps(x.dtype) / 2 * |y| <= eps(x.dtype) * S."""
+    s = x.double().abs() @ weight.double().abs().T
+    if bias is not None:
+        s = s + bias.double().abs()
+    k = x.shape[1]
+    return ((k + 1) * torch.finfo(torch.float32).eps + torch.finfo(x.dtype).eps) * s
