@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lowbit import cli
+from lowbit.dfloat import cli as dfloat_cli
 
 
 def _one_error_line(err: str) -> str:
@@ -63,7 +64,7 @@ def test_an_unexpected_error_is_one_line_naming_its_type(tmp_path, capsys, monke
     def fail(args):
         raise RuntimeError("first line\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_inspect", fail)
+    monkeypatch.setattr(dfloat_cli, "cmd_inspect", fail)
     assert cli.main(["inspect", "model.safetensors"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line == ("lowbit: error: RuntimeError: first line second line (while running lowbit inspect "
@@ -74,7 +75,7 @@ def test_ctrl_c_exits_130_quietly(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_inspect", interrupted)
+    monkeypatch.setattr(dfloat_cli, "cmd_inspect", interrupted)
     assert cli.main(["inspect", "model.safetensors"]) == 130
     assert capsys.readouterr().err == ""
 
@@ -86,6 +87,19 @@ def test_usage_errors_are_one_line_and_exit_2(capsys, argv):
         cli.main(argv)
     assert exit_.value.code == 2
     assert "--help" in _one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_cuda_asked_for_without_a_device_is_one_line(capsys):
+    assert cli.main(["info", "--device", "cuda"]) == 1
+    assert _one_error_line(capsys.readouterr().err) == (
+        "lowbit: error: --device cuda asked for, but no CUDA device is visible")
+
+
+def test_a_missing_benchmark_folder_is_one_line(tmp_path, capsys):
+    assert cli.main(["bench", "--path", str(tmp_path)]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "no benchmark folder found" in line and str(tmp_path) in line
 
 
 def test_as_a_program(tmp_path):

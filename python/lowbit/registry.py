@@ -55,6 +55,13 @@ def register(family: Family) -> Family:
     return family
 
 
+def unregister(name: str) -> Family:
+    """Remove the family registered as ``name`` and return it (for tests that register their own)."""
+    family = get(name)
+    del _FAMILIES[name]
+    return family
+
+
 def get(name: str) -> Family:
     """The family registered as ``name``."""
     try:

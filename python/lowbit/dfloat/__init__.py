@@ -7,6 +7,7 @@
 Format: docs/formats.md ("dfloat").
 """
 
+from lowbit.dfloat import cli, demo
 from lowbit.dfloat.format import (
     FORMAT_VERSION,
     DFloatTensor,
@@ -22,4 +23,5 @@ __all__ = [
     "FORMAT_VERSION", "DFloatTensor", "compress", "compress_state_dict", "decompress_state_dict", "entropy_bound",
 ]
 
-register(Family("dfloat", DFloatLinear, description="lossless: Huffman-coded exponents, bit-exact outputs"))
+register(Family("dfloat", DFloatLinear, demo=demo.demo, add_cli=cli.add_cli,
+                description="lossless: Huffman-coded exponents, bit-exact outputs"))
