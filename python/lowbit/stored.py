@@ -43,7 +43,10 @@ def crc32(header: Sequence[int], tensors: Sequence[torch.Tensor | None]) -> int:
 
 
 def make_header(magic: int, version: int, fields: Sequence[int], tensors: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """The header of a stored form: int64 [3 + len(fields)]."""
+    """The header of a stored form: int64 [3 + len(fields)]. Tensors on ``meta`` (an empty layer,
+    not loaded yet) have no bytes to check: their header is a meta tensor of the same shape."""
+    if any(t is not None and t.device.type == "meta" for t in tensors):
+        return torch.empty(FIELDS + len(fields), dtype=torch.int64, device="meta")
     values = [magic, version, 0, *map(int, fields)]
     values[CHECKSUM] = crc32(values, tensors)
     return torch.tensor(values, dtype=torch.int64)

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit import ops
-from lowbit.dfloat.format import STREAM, DFloatTensor, compress
+from lowbit import ops, stored
+from lowbit.dfloat.format import DTYPE_CODES, STREAM, DFloatTensor, compress
 from lowbit.errors import FormatError
 from lowbit.nn.base import LowbitLinear
 from lowbit.ops.dfloat import _fake_encode
@@ -15,6 +15,10 @@ from lowbit.reference import dfloat as ref
 
 MODES = ("exact", "fused")
 FUSED_MAX_ROWS = 8
+# The bias is not part of the dfloat stream (whose header and checksum are the format's own), so
+# it carries a header of its own: [magic, version, CRC-32, out_features, dtype code].
+BIAS_MAGIC = stored.magic_number("lbdb")
+BIAS_VERSION = 1
 
 
 def _placeholder(shape, dtype, device) -> DFloatTensor:
@@ -45,7 +49,8 @@ class DFloatLinear(LowbitLinear):
     weight's, until ``.half()`` or ``.to(dtype)`` changes it: the decoded weight is then cast).
     The compressed weight is held in buffers ``weight_header``, ``weight_codes``, ``weight_raw``,
     ``weight_gaps``, ``weight_block_starts``, ``weight_code_lengths``: the dfloat stored form, with
-    its checksum, so ``state_dict()`` is the stored form and ``load_state_dict`` validates it.
+    its checksum, so ``state_dict()`` is the stored form and ``load_state_dict`` validates it. The
+    bias, when there is one, comes with ``bias_header`` (magic, version, CRC-32 of the bias).
     """
 
     family = "dfloat"
@@ -58,7 +63,9 @@ class DFloatLinear(LowbitLinear):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.mode = mode
         shape = (out_features, in_features)
-        if torch.device(device if device is not None else "cpu").type == "meta":
+        # The device a tensor made here gets: the argument, else torch's default (set by
+        # ``with torch.device("meta"):`` too).
+        if torch.empty(0, device=device).device.type == "meta":
             weight = _placeholder(shape, dtype, "meta")
         else:  # an empty layer holds the code of an all-zero weight until load_state_dict fills it
             weight = compress(torch.zeros(shape, dtype=dtype, device=device))
@@ -112,9 +119,12 @@ class DFloatLinear(LowbitLinear):
         self._gemv = None
         if self.mode == "fused":
             # A fused kernel only where one exists: auto never settles for the reference here.
-            chosen = ops.resolve("dfloat_gemv", backend, device)
-            if chosen != "reference" or ops.requested(backend) == "reference":
-                self._gemv = ops.op("dfloat_gemv", backend, device)
+            # A backend with no fused kernel at all (cpu) decodes with its own kernel instead.
+            wanted = ops.requested(backend)
+            if wanted == "auto" or wanted in ops.implementations("dfloat_gemv"):
+                chosen = ops.resolve("dfloat_gemv", backend, device)
+                if chosen != "reference" or wanted == "reference":
+                    self._gemv = ops.op("dfloat_gemv", backend, device)
 
     def _config_extra(self) -> dict:
         return {"mode": self.mode}
@@ -145,15 +155,46 @@ class DFloatLinear(LowbitLinear):
         """The decoded weight (decoded at every access: it is not kept)."""
         return self.dequantize()
 
+    def _bias_header_fields(self, bias: torch.Tensor) -> list[int]:
+        return [bias.numel(), DTYPE_CODES.get(bias.dtype, 0)]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        bias = destination.get(prefix + "bias")
+        if bias is not None:
+            destination[prefix + "bias_header"] = stored.make_header(
+                BIAS_MAGIC, BIAS_VERSION, self._bias_header_fields(bias), [bias])
+
+    def _stored_problem(self, state_dict, prefix) -> str | None:
+        """Why the state dict cannot be this module's (checked before anything is loaded), or None."""
+        weight = state_dict.get(prefix + "weight")
+        if isinstance(weight, torch.Tensor):
+            return (f"{prefix}weight is a dense {weight.dtype} tensor: this is not a DFloatLinear state dict (its "
+                    "weight is stored as weight_header, weight_codes, ...); compress a float layer with "
+                    "DFloatLinear.from_linear")
+        bias, header = state_dict.get(prefix + "bias"), state_dict.get(prefix + "bias_header")
+        if bias is not None or header is not None:
+            try:
+                stored.read_header(header, magic=BIAS_MAGIC, versions=(BIAS_VERSION,), nfields=2, tensors=[bias],
+                                   what=f"{prefix}bias (dfloat)")
+            except FormatError as exc:
+                return str(exc)
+        return None
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        stored = {name: state_dict[prefix + "weight_" + name] for name in ("header",) + STREAM
-                  if prefix + "weight_" + name in state_dict}
-        if len(stored) == len(STREAM) + 1:
+        problem = self._stored_problem(state_dict, prefix)
+        if problem is not None:
+            error_msgs.append(problem)
+            return
+        state_dict.pop(prefix + "bias_header", None)
+        parts = {name: state_dict[prefix + "weight_" + name] for name in ("header",) + STREAM
+                 if prefix + "weight_" + name in state_dict}
+        if len(parts) == len(STREAM) + 1:
             device = self.weight_codes.device
             try:
                 target = device if device.type != "meta" else None
-                weight = DFloatTensor.from_dict({k: v.to(target) if target else v for k, v in stored.items()})
+                weight = DFloatTensor.from_dict({k: v.to(target) if target else v for k, v in parts.items()})
             except FormatError as exc:
                 error_msgs.append(f"{prefix}weight: {exc}")
                 return

@@ -177,11 +177,11 @@ class Int8Linear(LowbitLinear):
     def _stored_problem(self, state_dict, prefix) -> str | None:
         """Why the stored tensors cannot be this module's, or None. Shapes of the fixed-size
         buffers are left to load_state_dict's own checks."""
-        weight = state_dict.get(prefix + "weight")
+        weight, header = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_header")
         if weight is not None and weight.dtype != torch.int8:
             return (f"weight is {weight.dtype}, not int8: this is not an Int8Linear (or bitsandbytes 8-bit) state "
                     "dict; quantize a float layer with Int8Linear.from_linear")
-        if weight is None:
+        if weight is None and header is None:
             return None  # load_state_dict reports the missing keys
         tensors = {name: state_dict.get(prefix + name) for name in STORED}
         idx, kept = tensors["static_idx"], tensors["static_weight"]
@@ -193,8 +193,7 @@ class Int8Linear(LowbitLinear):
             if list(kept.shape) != [self.out_features, idx.numel()]:
                 return f"static_weight must be [{self.out_features}, {idx.numel()}], got {list(kept.shape)}"
         try:
-            _, fields = stored.read_header(state_dict.get(prefix + "weight_header"), magic=MAGIC,
-                                           versions=(FORMAT_VERSION,), nfields=4,
+            _, fields = stored.read_header(header, magic=MAGIC, versions=(FORMAT_VERSION,), nfields=4,
                                            tensors=self._stored_tensors(tensors), what=f"{prefix}weight (int8)")
         except FormatError as exc:
             return str(exc)
