@@ -192,7 +192,7 @@ def test_decompress_on_cuda():
 def test_decode_opcheck():
     enc = encode(_weights(777, torch.bfloat16, seed=7), 64, 4)
     args = (*enc.stream, enc.n, torch.bfloat16, enc.total_bits, 64, 4)
-        opcheck(torch.ops.lowbit.dfloat_decode.default, args)
+    opcheck(torch.ops.lowbit.dfloat_decode.default, args)
 
 
 def test_decode_checks_its_arguments():
@@ -366,7 +366,7 @@ def test_gemv_opcheck():
     x = torch.randn(3, 40, dtype=torch.float16, device="cuda")
     bias = torch.randn(12, dtype=torch.float16, device="cuda")
     args = (x, *enc.stream, 12, enc.total_bits, 64, 4, bias)
-        opcheck(torch.ops.lowbit.dfloat_gemv.default, args)
+    opcheck(torch.ops.lowbit.dfloat_gemv.default, args)
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def test_prepass_in_cuda_graph():
 def test_prepass_opcheck():
     x = _x((5, 40), torch.float16, seed=12)
     mask, idx = _statics(40, 3, seed=13)
-        opcheck(torch.ops.lowbit.int8_prepass.default, (x, mask, idx, 6.0))
+    opcheck(torch.ops.lowbit.int8_prepass.default, (x, mask, idx, 6.0))
 
 
 def test_prepass_native_checks_its_arguments():
@@ -277,7 +277,7 @@ def test_gemv_in_cuda_graph():
 def test_gemv_opcheck():
     layer = _layer(12, 40, torch.float16, 2, seed=28, has_bias=True)
     x = _x((3, 40), torch.float16, seed=29, scale=1.0)
-        opcheck(torch.ops.lowbit.int8_gemv.default, (x, *layer))
+    opcheck(torch.ops.lowbit.int8_gemv.default, (x, *layer))
 
 
 def test_gemv_native_checks_its_arguments():
