@@ -218,7 +218,7 @@ class DFloatLinear(LowbitLinear):
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
         if self._gemv is not None and 0 < x.shape[0] <= FUSED_MAX_ROWS and self.weight_dtype == self._dtype:
             return self._gemv(x.contiguous(), *self._gemv_stream, self.bias)
-        weight = self._decoded()
+        weight = self._decode(*self._decode_args).view(self._weight_meta[0])
         if weight.dtype != self._dtype:
             weight = weight.to(self._dtype)
         return F.linear(x, weight, self.bias)
