@@ -90,7 +90,11 @@ def _record(module_name: str, kernel: str, name: str, launch) -> Variant:
 
     module = importlib.import_module(module_name)
     fn = getattr(module, kernel)
+    # The launchers go through torch's wrap_triton, which accepts Triton functions only.
+    wrap = getattr(module, "wrap_triton", None)
     setattr(module, kernel, _Recorder())
+    if wrap is not None:
+        module.wrap_triton = lambda k: k
     try:
         launch()
     except _Launched as launched:
@@ -99,6 +103,8 @@ def _record(module_name: str, kernel: str, name: str, launch) -> Variant:
         raise AssertionError(f"{module_name}: {name} did not launch {kernel}")
     finally:
         setattr(module, kernel, fn)
+        if wrap is not None:
+            module.wrap_triton = wrap
     names = list(fn.arg_names)
     positional = [n for n in names if n not in kwargs]
     assert len(args) == len(positional), f"{kernel}: {len(args)} positional arguments for {positional}"
