@@ -129,3 +129,18 @@ def test_available_reports_every_backend():
     assert set(table) == {"cuda", "triton", "cpu", "reference"}
     assert table["reference"] is None
     assert "CUDA tensors" in table["cuda"]
+
+
+def test_modules_resolve_their_ops_once_and_again_when_told(monkeypatch):
+    """A module picks its ops when built (not at every call); setting .backend picks them again."""
+    skip_unless_available("cpu", "cpu")
+    layer = lowbit.nn.Int8Linear.from_linear(torch.nn.Linear(16, 8))
+    assert layer._linear is torch.ops.lowbit.int8_linear.default
+    monkeypatch.setenv("LOWBIT_BACKEND", "reference")
+    x = torch.randn(2, 16)
+    layer(x)
+    assert layer._linear is torch.ops.lowbit.int8_linear.default, "a forward must not resolve again"
+    layer.backend = "reference"
+    assert layer._linear is torch.ops.lowbit.int8_linear_reference.default
+    fresh = lowbit.nn.DFloatLinear.from_linear(torch.nn.Linear(16, 8))
+    assert fresh._decode is torch.ops.lowbit.dfloat_decode_reference.default, "built under LOWBIT_BACKEND"

@@ -1,5 +1,10 @@
 """The int8 ops on the CPU backend against the reference, and the op contract's checks."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -7,7 +12,7 @@ import lowbit
 from lowbit import ops
 from lowbit.reference import int8 as ref
 
-from conftest import skip_unless_available
+from conftest import param_id, skip_unless_available
 
 
 
@@ -171,21 +176,79 @@ def test_threshold_compares_in_fp32():
         assert flags.tolist() == [0, 1, 0, 1], backend
 
 
+def _gemm_paths():
+    """The CPU int8 GEMM's paths this host can run (each is forced in turn)."""
+    from lowbit.ops.int8 import GEMM_PATHS
+
+    x = torch.zeros(1, 32, dtype=torch.int8)
+    runs = []
+    for path in GEMM_PATHS:
+        try:
+            torch.ops.lowbit._int8_gemm(x, x, path)
+        except ValueError:
+            continue
+        runs.append(path)
+    return runs
+
+
+@pytest.mark.parametrize("shape", [(9, 80, 11), (1, 97, 17), (33, 4097, 129), (4, 1, 3), (7, 2, 9), (6, 16, 8)],
+                         ids=param_id)
 @pytest.mark.parametrize("worst", [False, True], ids=["random", "all127"])
-def test_cpu_gemm_paths_agree_and_repack_a_modified_weight(worst):
-    """The CPU GEMM (oneDNN where it is exact on this host, else torch._int_mm) gives the exact
-    product, also for the all-127 worst case that saturates int16 pair sums on some hosts."""
+def test_cpu_gemm_paths_are_exact_and_repack_a_modified_weight(worst, shape):
+    """Every CPU GEMM path this host runs (oneDNN where exact here, lowbit's AVX2 kernel,
+    torch._int_mm) gives the exact product, also for the all-127 worst case that saturates int16
+    pair sums in oneDNN on AVX2 hosts without VNNI; a weight changed in place is packed again."""
+    skip_unless_available("cpu", "cpu")
+    m, k, n = shape
     g = torch.Generator().manual_seed(3)
-    xq = torch.randint(-127, 128, (9, 80), generator=g, dtype=torch.int8)
-    w = torch.randint(-127, 128, (11, 80), generator=g, dtype=torch.int8)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     if worst:
         xq.fill_(127)
-        w[:5] = 127
-    gemm = torch.ops.lowbit._int8_gemm
-    assert torch.equal(gemm(xq, w, True).double(), xq.double() @ w.double().T)
-    w[2, 5] = -w[2, 5] - 1  # in place: the packed copy must not be reused
-    assert torch.equal(gemm(xq, w, True).double(), xq.double() @ w.double().T)
-    assert torch.equal(gemm(xq, w, False).double(), xq.double() @ w.double().T)
+        w[: (n + 1) // 2] = 127
+        w[(n + 1) // 2:] = -127
+    paths = _gemm_paths()
+    assert "int_mm" in paths and ("avx2" in paths) == torch.backends.cpu.get_cpu_capability().startswith("AVX")
+    for path in ["auto", *paths]:
+        want = xq.double() @ w.double().T
+        assert torch.equal(torch.ops.lowbit._int8_gemm(xq, w, path).double(), want), path
+        w[0, 0] = -w[0, 0] - 1 if w[0, 0] != 127 else 5  # in place: the packed copy must not be reused
+        assert torch.equal(torch.ops.lowbit._int8_gemm(xq, w, path).double(), xq.double() @ w.double().T), path
+
+
+def test_cpu_gemm_refuses_an_unknown_path():
+    skip_unless_available("cpu", "cpu")
+    x = torch.zeros(1, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="path must be one of auto, onednn, avx2, int_mm"):
+        torch.ops.lowbit._int8_gemm(x, x, "fast")
+
+
+@pytest.mark.parametrize("path", ["int_mm", "avx2", "onednn"])
+def test_int8_linear_on_every_forced_gemm_path(path):
+    """Int8Linear's CPU kernel on each GEMM path, forced through LOWBIT_CPU_INT8_GEMM in a fresh
+    process (the choice is read once), against the reference within the fp32 tolerance."""
+    skip_unless_available("cpu", "cpu")
+    if path not in _gemm_paths():
+        pytest.skip(f"the {path} GEMM cannot run on this host")
+    code = textwrap.dedent("""
+        import torch, lowbit
+        from lowbit.reference import int8 as ref
+        g = torch.Generator().manual_seed(0)
+        lin = torch.nn.Linear(97, 35).bfloat16()
+        m = lowbit.nn.Int8Linear.from_linear(lin)
+        x = (torch.randn(19, 97, generator=g) * 2).bfloat16()
+        x[3, 7] = 40.0
+        want = ref.linear(x, m.weight, m.weight_scale, m.static_mask, m.static_idx, m.static_weight, m.bias, 6.0)
+        got = m(x)
+        err = (got.float() - want.float()).abs().max().item()
+        scale = want.float().abs().max().item()
+        print("ERR", err / scale)
+    """)
+    env = {**os.environ, "LOWBIT_CPU_INT8_GEMM": path}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    # bf16 outputs of the same fp32 sums in another order: a few bf16 ulps of the largest output.
+    assert float(result.stdout.split("ERR")[1]) < 4 * 2**-8
 
 
 @pytest.mark.parametrize("threshold", [6.01, 1e-40, 1e-50, -1.0, float("nan"), float("inf")])

@@ -3,11 +3,14 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "bindings/int8.h"
 #include "cpu/int8.h"
+#include "cpu/int8_gemm.h"
 
 namespace lowbit {
 namespace {
@@ -152,7 +155,8 @@ class PackedWeights {
   using WeakRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
  public:
-  at::Tensor get(const OneDnn& dnn, const at::Tensor& weight) {
+  template <typename Pack>
+  at::Tensor get(const at::Tensor& weight, Pack&& pack) {
     const uint32_t version = weight.is_inference() ? 0 : weight._version();
     const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
     {
@@ -162,7 +166,7 @@ class PackedWeights {
         return it->second.packed;
       }
     }
-    at::Tensor packed = dnn.pack(weight);
+    at::Tensor packed = pack(weight);
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end();) {  // drop entries of freed weights
       it = it->second.ref.expired() ? entries_.erase(it) : std::next(it);
@@ -181,18 +185,63 @@ class PackedWeights {
   std::unordered_map<const c10::TensorImpl*, Entry> entries_;
 };
 
-// xq int8 [M, K] @ weight int8 [N, K]^T -> the exact accumulator [M, N], int32 (or fp32 from oneDNN).
-// use_onednn = false runs at::_int_mm (to compare the two).
-at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, bool use_onednn = true) {
+// The paths of the CPU int8 GEMM, all exact: oneDNN (where it passed the worst-case check), lowbit's
+// AVX2 kernel (csrc/cpu/int8_gemm.cpp, weight packed once into its panels), torch._int_mm.
+enum class GemmPath { kAuto, kOneDnn, kAvx2, kIntMm };
+
+GemmPath parse_path(const std::string& path) {
+  if (path == "auto") return GemmPath::kAuto;
+  if (path == "onednn") return GemmPath::kOneDnn;
+  if (path == "avx2") return GemmPath::kAvx2;
+  if (path == "int_mm") return GemmPath::kIntMm;
+  TORCH_CHECK_VALUE(false, "path must be one of auto, onednn, avx2, int_mm, got '", path, "'");
+  return GemmPath::kAuto;
+}
+
+// The path auto takes: oneDNN where it is exact here (VNNI, AMX: it is also the fastest), else
+// lowbit's AVX2 kernel, else torch._int_mm. LOWBIT_CPU_INT8_GEMM forces one (for tests and
+// comparisons); an unavailable one raises at the first call.
+GemmPath auto_path(int64_t K) {
+  static const GemmPath forced = [] {
+    const char* env = std::getenv("LOWBIT_CPU_INT8_GEMM");
+    return env && *env ? parse_path(env) : GemmPath::kAuto;
+  }();
+  if (forced != GemmPath::kAuto) return forced;
+  if (K >= kOneDnnMinK && onednn_if_exact() != nullptr) return GemmPath::kOneDnn;
+  if (cpu::int8::avx2_available()) return GemmPath::kAvx2;
+  return GemmPath::kIntMm;
+}
+
+at::Tensor avx2_pack(const at::Tensor& weight) {
+  at::Tensor packed = at::empty({cpu::int8::packed_bytes(weight.size(0), weight.size(1))}, weight.options());
+  cpu::int8::pack_weight(weight.const_data_ptr<int8_t>(), weight.size(0), weight.size(1), packed.data_ptr<int8_t>());
+  return packed;
+}
+
+// xq int8 [M, K] @ weight int8 [N, K]^T -> the exact accumulator [M, N], int32 (fp32 from oneDNN).
+at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath path = GemmPath::kAuto) {
   const int64_t M = xq.size(0), K = xq.size(1), N = weight.size(0);
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, xq.options().dtype(at::kInt));
-  if (use_onednn && K >= kOneDnnMinK) {
-    if (const OneDnn* dnn = onednn_if_exact()) {
+  if (path == GemmPath::kAuto) path = auto_path(K);
+  switch (path) {
+    case GemmPath::kOneDnn: {
+      const OneDnn* dnn = onednn_if_exact();
+      TORCH_CHECK_VALUE(dnn != nullptr, "the oneDNN int8 GEMM is missing or not exact on this host");
       static PackedWeights packed;
-      return dnn->gemm(xq, packed.get(*dnn, weight), N);
+      return dnn->gemm(xq, packed.get(weight, [dnn](const at::Tensor& w) { return dnn->pack(w); }), N);
     }
+    case GemmPath::kAvx2: {
+      TORCH_CHECK_VALUE(cpu::int8::avx2_available(), "this CPU has no AVX2: the avx2 int8 GEMM cannot run");
+      static PackedWeights packed;
+      const at::Tensor panels = packed.get(weight, avx2_pack);
+      at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
+      cpu::int8::gemm_avx2(xq.const_data_ptr<int8_t>(), M, K, panels.const_data_ptr<int8_t>(), N,
+                           acc.data_ptr<int32_t>());
+      return acc;
+    }
+    default:
+      return at::_int_mm(xq, weight.t());
   }
-  return at::_int_mm(xq, weight.t());
 }
 
 // The outlier side product's factors over the flagged columns: dyn_x [M, D] (the outlier elements
@@ -225,12 +274,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
                            static_weight, bias);
 }
 
-// lowbit::_int8_gemm(xq, weight, onednn): the GEMM alone; fp32 out when oneDNN ran, int32 else.
-at::Tensor int8_gemm_cpu(const at::Tensor& xq, const at::Tensor& weight, bool onednn) {
+// lowbit::_int8_gemm(xq, weight, path): the GEMM alone, on a path (auto, onednn, avx2, int_mm).
+at::Tensor int8_gemm_cpu(const at::Tensor& xq, const at::Tensor& weight, c10::string_view path) {
   TORCH_CHECK_TYPE(xq.scalar_type() == at::kChar && weight.scalar_type() == at::kChar, "xq and weight must be int8");
   TORCH_CHECK_VALUE(xq.dim() == 2 && weight.dim() == 2 && xq.size(1) == weight.size(1),
                     "xq [M, K] and weight [N, K] must share K, got ", xq.sizes(), " and ", weight.sizes());
-  return int8_gemm(xq.contiguous(), weight.contiguous(), onednn);
+  return int8_gemm(xq.contiguous(), weight.contiguous(), parse_path(std::string(path)));
 }
 
 at::Tensor int8_gemv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& weight_scale_in,

@@ -51,6 +51,7 @@ class LowbitLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self._dtype = check_dtype(dtype)
         self._cuda = False  # whether the weight is on a CUDA device (set by _moved)
+        self._resolved = False  # whether _moved has run: from then on a new backend re-resolves
         self.backend = backend
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -77,6 +78,18 @@ class LowbitLinear(nn.Module):
         return {}
 
     # -- the protocol ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> str | None:
+        """The backend the layer's ops run on (None: LOWBIT_BACKEND, else auto, when resolved).
+        Setting it resolves the ops again."""
+        return self.__dict__.get("_backend")
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.__dict__["_backend"] = value
+        if self.__dict__.get("_resolved"):
+            self._resolve_ops()
+
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype: of the input, the output and the bias."""
@@ -145,6 +158,7 @@ class LowbitLinear(nn.Module):
         """After construction, loading or a move: settle what depends on the device and dtype."""
         self._cuda = self.device.type == "cuda"
         self._resolve_ops()
+        self._resolved = True
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

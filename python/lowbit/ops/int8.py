@@ -183,18 +183,26 @@ def _reference_epilogue(acc, row_scale, weight_scale, dyn_x, dyn_w, x_static, st
     return y.to(x_static.dtype)
 
 
-def _fake_gemm(xq, weight, onednn):
-    return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=torch.float32 if onednn else torch.int32)
+GEMM_PATHS = ("auto", "onednn", "avx2", "int_mm")
 
 
-def _reference_gemm(xq, weight, onednn):
-    return torch._int_mm(xq, weight.t()) if xq.numel() and weight.numel() else \
-        torch.zeros(xq.shape[0], weight.shape[0], dtype=torch.int32, device=xq.device)
+def _fake_gemm(xq, weight, path):
+    if path not in GEMM_PATHS:
+        raise ValueError(f"path must be one of {', '.join(GEMM_PATHS)}, got {path!r}")
+    # oneDNN returns the accumulator as fp32 (exact: the epilogue's own conversion), the others int32.
+    return xq.new_empty((xq.shape[0], weight.shape[0]), dtype=torch.float32 if path == "onednn" else torch.int32)
 
 
-# The CPU int8 GEMM (oneDNN with the weight packed once, exact on this host, else torch._int_mm)
-# and its epilogue (everything after the int32 accumulator), csrc/bindings/int8.cpp.
-define("_int8_gemm", "(Tensor xq, Tensor weight, bool onednn) -> Tensor", fake=_fake_gemm, reference=_reference_gemm,
+def _reference_gemm(xq, weight, path):
+    if xq.numel() and weight.numel():
+        return torch._int_mm(xq, weight.t())
+    return torch.zeros(xq.shape[0], weight.shape[0], dtype=torch.int32, device=xq.device)
+
+
+# The CPU int8 GEMM (csrc/bindings/int8.cpp): oneDNN where it is exact here, else lowbit's AVX2
+# kernel, else torch._int_mm ("auto"; LOWBIT_CPU_INT8_GEMM forces one); and its epilogue
+# (everything after the int32 accumulator).
+define("_int8_gemm", "(Tensor xq, Tensor weight, str path) -> Tensor", fake=_fake_gemm, reference=_reference_gemm,
        native=("cpu",))
 define("_int8_epilogue", "(Tensor acc, Tensor row_scale, Tensor weight_scale, Tensor? dyn_x, Tensor? dyn_w, "
        "Tensor x_static, Tensor static_weight, Tensor? bias) -> Tensor",
