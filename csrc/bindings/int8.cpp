@@ -151,39 +151,50 @@ const OneDnn* onednn_if_exact() {
 
 // Packed weights, one per live weight tensor, valid while its version counter is unchanged (an
 // in-place change repacks; a change through .data bypasses the counter and is not seen).
-class PackedWeights {
+template <typename Value>
+class PerWeight {
   using WeakRef = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
 
  public:
-  template <typename Pack>
-  at::Tensor get(const at::Tensor& weight, Pack&& pack) {
+  // The kept value of `weight`, or make(weight) (then kept) when there is none, the weight changed,
+  // or usable(value) says no.
+  template <typename Make, typename Usable>
+  Value get(const at::Tensor& weight, Make&& make, Usable&& usable) {
     const uint32_t version = weight.is_inference() ? 0 : weight._version();
     const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       const auto it = entries_.find(key);
-      if (it != entries_.end() && it->second.version == version && it->second.ref.lock().get() == key) {
-        return it->second.packed;
+      if (it != entries_.end() && it->second.version == version && it->second.ref.lock().get() == key &&
+          usable(it->second.value)) {
+        return it->second.value;
       }
     }
-    at::Tensor packed = pack(weight);
+    Value value = make(weight);
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end();) {  // drop entries of freed weights
       it = it->second.ref.expired() ? entries_.erase(it) : std::next(it);
     }
-    entries_.insert_or_assign(key, Entry{WeakRef(weight.getIntrusivePtr()), version, packed});
-    return packed;
+    entries_.insert_or_assign(key, Entry{WeakRef(weight.getIntrusivePtr()), version, value});
+    return value;
+  }
+
+  template <typename Make>
+  Value get(const at::Tensor& weight, Make&& make) {
+    return get(weight, make, [](const Value&) { return true; });
   }
 
  private:
   struct Entry {
     WeakRef ref;
     uint32_t version;
-    at::Tensor packed;
+    Value value;
   };
   std::mutex mutex_;
   std::unordered_map<const c10::TensorImpl*, Entry> entries_;
 };
+
+using PackedWeights = PerWeight<at::Tensor>;
 
 // The paths of the CPU int8 GEMM, all exact: oneDNN (where it passed the worst-case check), lowbit's
 // AVX2 kernel (csrc/cpu/int8_gemm.cpp, weight packed once into its panels), torch._int_mm.
@@ -251,7 +262,13 @@ std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> outlier_factors(
   if (!(threshold > 0) || !col_flags.any().item<bool>()) return {};
   const at::Tensor cols = col_flags.nonzero().flatten();
   const at::Tensor dyn_x = x.index_select(1, cols).to(at::kFloat);
-  return {at::where(dyn_x.abs() >= threshold, dyn_x, 0.0), weight.t().index_select(0, cols).to(at::kFloat)};
+  // Gathering weight columns reads one byte per row of the weight; outlier features are the same
+  // from call to call in practice, so the last gathered columns of each weight are kept.
+  static PerWeight<std::pair<at::Tensor, at::Tensor>> kept;
+  const auto [kept_cols, dyn_w] = kept.get(
+      weight, [&](const at::Tensor& w) { return std::pair{cols, w.t().index_select(0, cols).to(at::kFloat)}; },
+      [&](const std::pair<at::Tensor, at::Tensor>& v) { return at::equal(v.first, cols); });
+  return {at::where(dyn_x.abs() >= threshold, dyn_x, 0.0), dyn_w};
 }
 
 at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
