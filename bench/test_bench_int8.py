@@ -74,6 +74,20 @@ def _problem(shape, rows, device):
     return linear, x
 
 
+def _torch_dynamic_int8(weight32: torch.Tensor):
+    """torch's dynamic int8 linear of this weight (None where the quantized engine is missing)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            layer = nn.Linear(weight32.shape[1], weight32.shape[0], bias=False)
+            layer.weight.data.copy_(weight32)
+            return torch.ao.quantization.quantize_dynamic(nn.Sequential(layer), {nn.Linear}, dtype=torch.qint8)
+    except Exception:  # noqa: BLE001 - reported as absent, not fatal
+        return None
+
+
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}to{s[0]}")
 def test_int8_linear_vs_bf16(benchmark, device, quick, rows, shape):
@@ -96,9 +110,26 @@ def test_int8_linear_vs_bf16(benchmark, device, quick, rows, shape):
 
     base = case("baseline", 2 * weight.numel(), "bf16_tflops" if big else "gbps")
     if device.type == "cpu":
-        ours = case("cpu", weight.numel(), "gbps")
-        measure_interleaved(benchmark, [(base, lambda: F.linear(x, weight)), (ours, lambda: module(x))], device,
-                            rounds=5 if quick or rows >= 2048 else 15)
+        # The baseline is the host's fastest dense path: bf16 or fp32 F.linear, whichever is faster
+        # here (bf16 is slow without native bf16 instructions); torch's dynamic int8 linear (fbgemm:
+        # per-tensor activations, no outlier split, so less work) is measured beside them.
+        x32, weight32 = x.float(), weight.float()
+        fp32 = case("dense_fp32", 4 * weight.numel(), "gbps")
+        fp32.extra = {"name": "F.linear fp32"}
+        entries = [(base, lambda: F.linear(x, weight)), (fp32, lambda: F.linear(x32, weight32)),
+                   (case("cpu", weight.numel(), "gbps"), lambda: module(x))]
+        dynamic = _torch_dynamic_int8(weight32)
+        if dynamic is not None:
+            dyn = case("torch_dynamic_int8", weight.numel(), "gbps")
+            dyn.extra = {"name": "torch.ao dynamic int8 (fbgemm)"}
+            entries.append((dyn, lambda: dynamic(x32)))
+        with torch.inference_mode():
+            records = measure_interleaved(benchmark, entries, device, rounds=5 if quick or rows >= 2048 else 15)
+        bf16_rec, fp32_rec = records[0], records[1]
+        if fp32_rec["median_s"] < bf16_rec["median_s"]:  # pair ours with the faster dense path
+            bf16_rec["backend"], fp32_rec["backend"] = "dense_bf16", "baseline"
+        for r in records:
+            r["cpu_isa"] = harness.cpu_isa()
         return
     for impl in ("triton", "cuda"):
         module.backend = impl
