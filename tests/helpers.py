@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 FLOAT16_DTYPES = (torch.bfloat16, torch.float16)
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -65,3 +66,15 @@ def fp32_linear_bound(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch
         s = s + bias.double().abs()
     k = x.shape[1]
     return ((k + 1) * torch.finfo(torch.float32).eps + torch.finfo(x.dtype).eps) * s
+
+
+def seeded_linear(in_features: int, out_features: int, bias: bool, dtype, *, seed: int = 0,
+                  scale: float = 0.1) -> nn.Linear:
+    """A frozen nn.Linear with N(0, scale^2) weights and N(0, 1) bias from ``seed``, in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * scale)
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=g))
+    return linear.to(dtype).requires_grad_(False)

@@ -15,6 +15,7 @@ from lowbit.reference import int8 as int8_ref
 from lowbit.reference.int8 import static_mask
 
 from conftest import param_id, skip_unless_available
+from helpers import seeded_linear
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 BACKENDS = ["reference", "cpu", "triton"]  # the backends that run CPU tensors (Triton interpreted)
@@ -24,13 +25,7 @@ STATIC = [4, 20]
 
 
 def _linear(dtype, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(OUT, IN, generator=g) * 0.2)
-        if bias:
-            linear.bias.copy_(torch.randn(OUT, generator=g))
-    return linear.to(dtype).requires_grad_(False)
+    return seeded_linear(IN, OUT, bias, dtype, seed=seed, scale=0.2)
 
 
 def _inputs(dtype, seed=1):

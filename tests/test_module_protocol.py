@@ -11,7 +11,6 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import lowbit
 from lowbit.errors import FormatError
@@ -19,6 +18,7 @@ from lowbit.nn import DFloatLinear, Int8Linear
 from lowbit.reference import int8 as int8_ref
 
 from conftest import param_id
+from helpers import seeded_linear
 
 MODULES = {"dfloat": DFloatLinear, "int8": Int8Linear}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -33,13 +33,7 @@ size_param = pytest.mark.parametrize("size", SIZES, ids=param_id)
 
 
 def _linear(in_features, out_features, bias, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.1)
-        if bias:
-            linear.bias.copy_(torch.randn(out_features, generator=g))
-    return linear.to(dtype).requires_grad_(False)
+    return seeded_linear(in_features, out_features, bias, dtype, seed=seed)
 
 
 def _module(family, linear, **options):
