@@ -191,8 +191,10 @@ def _gemm_paths():
     return runs
 
 
-@pytest.mark.parametrize("shape", [(9, 80, 11), (1, 97, 17), (33, 4097, 129), (4, 1, 3), (7, 2, 9), (6, 16, 8)],
-                         ids=param_id)
+# (13, 8195, 21): two K blocks of the AVX2 kernel, a 1-row tile, a 5-column panel; (40, 64, 20): rows
+# split across tasks (few panels); (6, 16, 8): one full 6-row tile.
+@pytest.mark.parametrize("shape", [(9, 80, 11), (1, 97, 17), (33, 4097, 129), (4, 1, 3), (7, 2, 9), (6, 16, 8),
+                                   (13, 8195, 21), (40, 64, 20)], ids=param_id)
 @pytest.mark.parametrize("worst", [False, True], ids=["random", "all127"])
 def test_cpu_gemm_paths_are_exact_and_repack_a_modified_weight(worst, shape):
     """Every CPU GEMM path this host runs (oneDNN where exact here, lowbit's AVX2 kernel,

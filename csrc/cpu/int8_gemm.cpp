@@ -1,11 +1,19 @@
 // lowbit's CPU int8 GEMM (int8_gemm.h). The AVX2 kernel widens int8 to int16 and multiplies with
 // vpmaddwd (16 int16 products, summed in pairs into 8 int32 lanes): half the products per
 // instruction of vpmaddubsw, but exact for the whole int8 range, with no offset or column-sum
-// compensation. A register tile is 4 rows x 16 columns: per step of 2 input features, 2 widened
-// weight loads, 4 broadcasts of an x pair, 8 vpmaddwd and 8 vpaddd into 8 accumulators.
+// compensation (vpmaddubsw's u8 x s8 pair sums saturate int16: 255 * 127 * 2 > 32767).
+//
+// Blocking: a task is one panel of 16 weight columns (int8, 32 bytes per step of 2 input features:
+// 64 KB at K = 4096, it stays in L2) and a block of rows, run in blocks of kKc steps. x is packed
+// once per call into int16 pairs, 6 rows interleaved per step, so a tile reads one stream. A
+// register tile is 6 rows x 16 columns: per step 2 weight loads widened to int16 (vpmovsxbw),
+// 6 broadcasts, 12 vpmaddwd and 12 vpaddd into 12 accumulators. Measured on Zen 3 (2 threads):
+// 75-80% of a register-only vpmaddwd + vpaddd loop. Widening a block of the panel into an int16
+// buffer once per K block and sharing it across row tiles (GotoBLAS' packed B) was measured slower.
 #include "int8_gemm.h"
 
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <algorithm>
@@ -18,15 +26,17 @@
 
 namespace lowbit::cpu::int8 {
 
+constexpr int64_t kStepBytes = kPanel * kPair;  // 32: one step of a panel
+
 int64_t packed_bytes(int64_t N, int64_t K) {
-  return (N + kPanel - 1) / kPanel * ((K + kPair - 1) / kPair) * kPanel * kPair;
+  return (N + kPanel - 1) / kPanel * ((K + kPair - 1) / kPair) * kStepBytes;
 }
 
 void pack_weight(const int8_t* w, int64_t N, int64_t K, int8_t* packed) {
   const int64_t panels = (N + kPanel - 1) / kPanel, steps = (K + kPair - 1) / kPair;
 #pragma omp parallel for schedule(static) if (N * K > (1 << 20))
   for (int64_t p = 0; p < panels; ++p) {
-    int8_t* out = packed + p * steps * kPanel * kPair;
+    int8_t* out = packed + p * steps * kStepBytes;
     for (int64_t s = 0; s < steps; ++s) {
       for (int64_t c = 0; c < kPanel; ++c) {
         for (int64_t j = 0; j < kPair; ++j) {
@@ -47,85 +57,182 @@ bool avx2_available() {
 
 namespace {
 
-constexpr int kRows = 4;    // rows of x per register tile (6 measured no faster on AVX2)
-constexpr int kPanels = 2;  // panels (8 columns each) per register tile
+constexpr int kTile = 6;        // rows per register tile
+constexpr int64_t kKc = 4096;   // steps per K block: 128 KB of a panel, in L2
 
-// One tile: rows [m0, m0 + rows) x panels [p0, p0 + panels) (rows <= kRows, panels <= kPanels),
-// x given as int32 words of int16 pairs (x2[m * steps + s] = x[m, 2s] | x[m, 2s + 1] << 16).
-template <int kR, int kP>
-__attribute__((target("avx2"))) void tile(const int32_t* x2, int64_t steps, const int8_t* packed, int64_t p0,
-                                          int64_t m0, int64_t M, int64_t N, int32_t* acc) {
-  __m256i sum[kR][kP];
-  for (int r = 0; r < kR; ++r)
-    for (int q = 0; q < kP; ++q) sum[r][q] = _mm256_setzero_si256();
-  const int8_t* panel[kP];
-  for (int q = 0; q < kP; ++q) panel[q] = packed + (p0 + q) * steps * kPanel * kPair;
-  const int32_t* row[kR];
-  for (int r = 0; r < kR; ++r) row[r] = x2 + (m0 + r) * steps;
+#pragma GCC push_options
+#pragma GCC target("avx2")
+
+// Adds (or stores, when !accumulate) one row of a tile: lanes lo (columns 0-7), hi (8-15), of which
+// the first `cols` are inside the output.
+inline void put_row(int32_t* c, __m256i lo, __m256i hi, int cols, bool accumulate) {
+  if (cols == kPanel) {
+    __m256i* p = reinterpret_cast<__m256i*>(c);
+    if (accumulate) {
+      lo = _mm256_add_epi32(lo, _mm256_loadu_si256(p));
+      hi = _mm256_add_epi32(hi, _mm256_loadu_si256(p + 1));
+    }
+    _mm256_storeu_si256(p, lo);
+    _mm256_storeu_si256(p + 1, hi);
+    return;
+  }
+  alignas(32) int32_t lanes[kPanel];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), lo);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes + 8), hi);
+  for (int i = 0; i < cols; ++i) c[i] = accumulate ? c[i] + lanes[i] : lanes[i];
+}
+
+// One tile of R < 6 rows x 16 columns over `steps` steps. xp: the tile's packed x at its first step
+// (xp[s * 6 + r] holds the int16 pair of row r at step s). w8: the panel at the first step. c: the
+// tile's first output, rows ldc apart.
+template <int R>
+void tile(const int32_t* xp, const int8_t* w8, int64_t steps, int32_t* c, int64_t ldc, int cols, bool accumulate) {
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i c00 = zero, c01 = zero, c10 = zero, c11 = zero, c20 = zero, c21 = zero;
+  __m256i c30 = zero, c31 = zero, c40 = zero, c41 = zero, c50 = zero, c51 = zero;
+#define LOWBIT_ROW(r)                                                \
+  if constexpr (R > r) {                                             \
+    const __m256i b = _mm256_set1_epi32(xp[s * kTile + r]);          \
+    c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(b, w0));   \
+    c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(b, w1));   \
+  }
+#pragma GCC unroll 2
   for (int64_t s = 0; s < steps; ++s) {
-    __m256i w[kP];
-    for (int q = 0; q < kP; ++q) {
-      w[q] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel[q] + s * kPanel * kPair)));
-    }
-    for (int r = 0; r < kR; ++r) {
-      const __m256i xb = _mm256_set1_epi32(row[r][s]);
-      for (int q = 0; q < kP; ++q) sum[r][q] = _mm256_add_epi32(sum[r][q], _mm256_madd_epi16(xb, w[q]));
-    }
+    const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w8 + s * kStepBytes)));
+    const __m256i w1 =
+        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w8 + s * kStepBytes + 16)));
+    LOWBIT_ROW(0)
+    LOWBIT_ROW(1)
+    LOWBIT_ROW(2)
+    LOWBIT_ROW(3)
+    LOWBIT_ROW(4)
+    LOWBIT_ROW(5)
   }
-  for (int r = 0; r < kR; ++r) {
-    for (int q = 0; q < kP; ++q) {
-      const int64_t n0 = (p0 + q) * kPanel;
-      int32_t* out = acc + (m0 + r) * N + n0;
-      if (n0 + kPanel <= N) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), sum[r][q]);
-      } else {
-        alignas(32) int32_t lanes[kPanel];
-        _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sum[r][q]);
-        for (int64_t c = 0; c < N - n0; ++c) out[c] = lanes[c];
-      }
+#undef LOWBIT_ROW
+  put_row(c, c00, c01, cols, accumulate);
+  if constexpr (R > 1) put_row(c + ldc, c10, c11, cols, accumulate);
+  if constexpr (R > 2) put_row(c + 2 * ldc, c20, c21, cols, accumulate);
+  if constexpr (R > 3) put_row(c + 3 * ldc, c30, c31, cols, accumulate);
+  if constexpr (R > 4) put_row(c + 4 * ldc, c40, c41, cols, accumulate);
+  if constexpr (R > 5) put_row(c + 5 * ldc, c50, c51, cols, accumulate);
+}
+
+// A full tile (6 rows x 16 columns) in assembly: GCC spills some of the 12 accumulators of the
+// intrinsics version to the stack in the loop. ymm0-11 accumulate, ymm12-13 hold the step's
+// weights widened to int16, ymm14 the broadcast x pair, ymm15 a product. Writes the 12 sums
+// (row-major, lo then hi) to out.
+#define LOWBIT_ROW(r, lo, hi)                              \
+  "vpbroadcastd " #r "*4(%[x]), %%ymm14\n\t"               \
+  "vpmaddwd %%ymm12, %%ymm14, %%ymm15\n\t"                  \
+  "vpaddd %%ymm15, %%ymm" #lo ", %%ymm" #lo "\n\t"          \
+  "vpmaddwd %%ymm13, %%ymm14, %%ymm15\n\t"                  \
+  "vpaddd %%ymm15, %%ymm" #hi ", %%ymm" #hi "\n\t"
+#define LOWBIT_TILE6(load_lo, load_hi, stride)                                                            \
+  asm volatile(                                                                                            \
+      "vpxor %%xmm0, %%xmm0, %%xmm0\n\t"                                                                    \
+      "vpxor %%xmm1, %%xmm1, %%xmm1\n\t"                                                                    \
+      "vpxor %%xmm2, %%xmm2, %%xmm2\n\t"                                                                    \
+      "vpxor %%xmm3, %%xmm3, %%xmm3\n\t"                                                                    \
+      "vpxor %%xmm4, %%xmm4, %%xmm4\n\t"                                                                    \
+      "vpxor %%xmm5, %%xmm5, %%xmm5\n\t"                                                                    \
+      "vpxor %%xmm6, %%xmm6, %%xmm6\n\t"                                                                    \
+      "vpxor %%xmm7, %%xmm7, %%xmm7\n\t"                                                                    \
+      "vpxor %%xmm8, %%xmm8, %%xmm8\n\t"                                                                    \
+      "vpxor %%xmm9, %%xmm9, %%xmm9\n\t"                                                                    \
+      "vpxor %%xmm10, %%xmm10, %%xmm10\n\t"                                                                 \
+      "vpxor %%xmm11, %%xmm11, %%xmm11\n\t"                                                                 \
+      "test %[n], %[n]\n\t"                                                                                 \
+      "jz 2f\n\t"                                                                                           \
+      ".p2align 5\n"                                                                                        \
+      "1:\n\t" load_lo "\n\t" load_hi "\n\t" LOWBIT_ROW(0, 0, 1) LOWBIT_ROW(1, 2, 3) LOWBIT_ROW(2, 4, 5)      \
+          LOWBIT_ROW(3, 6, 7) LOWBIT_ROW(4, 8, 9) LOWBIT_ROW(5, 10, 11) "add $" #stride ", %[w]\n\t"        \
+                                                                    "add $24, %[x]\n\t"                      \
+                                                                    "dec %[n]\n\t"                           \
+                                                                    "jnz 1b\n"                                \
+                                                                    "2:\n\t"                                 \
+                                                                    "vmovdqu %%ymm0, 0(%[out])\n\t"          \
+                                                                    "vmovdqu %%ymm1, 32(%[out])\n\t"         \
+                                                                    "vmovdqu %%ymm2, 64(%[out])\n\t"         \
+                                                                    "vmovdqu %%ymm3, 96(%[out])\n\t"         \
+                                                                    "vmovdqu %%ymm4, 128(%[out])\n\t"        \
+                                                                    "vmovdqu %%ymm5, 160(%[out])\n\t"        \
+                                                                    "vmovdqu %%ymm6, 192(%[out])\n\t"        \
+                                                                    "vmovdqu %%ymm7, 224(%[out])\n\t"        \
+                                                                    "vmovdqu %%ymm8, 256(%[out])\n\t"        \
+                                                                    "vmovdqu %%ymm9, 288(%[out])\n\t"        \
+                                                                    "vmovdqu %%ymm10, 320(%[out])\n\t"       \
+                                                                    "vmovdqu %%ymm11, 352(%[out])\n\t"       \
+                                                                    "vzeroupper\n\t"                         \
+      : [w] "+r"(w), [x] "+r"(xp), [n] "+r"(steps)                                                         \
+      : [out] "r"(out)                                                                                     \
+      : "memory", "cc", "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9",      \
+        "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15")
+
+void tile6(const int32_t* xp, const int8_t* w, int64_t steps, __m256i* out) {
+  LOWBIT_TILE6("vpmovsxbw (%[w]), %%ymm12", "vpmovsxbw 16(%[w]), %%ymm13", 32);
+}
+#undef LOWBIT_TILE6
+#undef LOWBIT_ROW
+
+// A tile of `rows` rows.
+void tile_rows(int rows, const int32_t* xp, const int8_t* w, int64_t steps, int32_t* c, int64_t ldc, int cols,
+               bool accumulate) {
+  switch (rows) {
+    case 6: {
+      __m256i sums[2 * kTile];
+      tile6(xp, w, steps, sums);
+      for (int r = 0; r < kTile; ++r) put_row(c + r * ldc, sums[2 * r], sums[2 * r + 1], cols, accumulate);
+      return;
     }
+    case 5: return tile<5>(xp, w, steps, c, ldc, cols, accumulate);
+    case 4: return tile<4>(xp, w, steps, c, ldc, cols, accumulate);
+    case 3: return tile<3>(xp, w, steps, c, ldc, cols, accumulate);
+    case 2: return tile<2>(xp, w, steps, c, ldc, cols, accumulate);
+    default: return tile<1>(xp, w, steps, c, ldc, cols, accumulate);
   }
 }
 
-// Dispatches a tile of `rows` x `panels` to its instantiation.
-template <int kR>
-void tile_rows(int panels, const int32_t* x2, int64_t steps, const int8_t* packed, int64_t p0, int64_t m0, int64_t M,
-               int64_t N, int32_t* acc) {
-  if (panels == 2) {
-    tile<kR, 2>(x2, steps, packed, p0, m0, M, N, acc);
-  } else {
-    tile<kR, 1>(x2, steps, packed, p0, m0, M, N, acc);
-  }
-}
+#pragma GCC pop_options
 
 }  // namespace
 
 void gemm_avx2(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int64_t N, int32_t* acc) {
   const int64_t steps = (K + kPair - 1) / kPair, panels = (N + kPanel - 1) / kPanel;
-  // x as int16 pairs in int32 words, zero-padded to an even K: one broadcast per row and step.
-  std::vector<int32_t> x2(static_cast<size_t>(M * steps));
+  const int64_t row_tiles = (M + kTile - 1) / kTile;
+  const bool parallel = M * N * K > (1 << 18);
+  const int threads = parallel ? omp_get_max_threads() : 1;
+  // x as int16 pairs in int32 words, 6 rows interleaved per step, zero-padded (odd K, last tile).
+  std::vector<int32_t> xp(static_cast<size_t>(row_tiles * steps * kTile), 0);
+#pragma omp parallel for schedule(static) if (parallel && M > 1)
   for (int64_t m = 0; m < M; ++m) {
+    int32_t* out = xp.data() + (m / kTile) * steps * kTile + m % kTile;
+    const int8_t* x = xq + m * K;
     for (int64_t s = 0; s < steps; ++s) {
       const int64_t k = s * kPair;
-      const int32_t lo = static_cast<int16_t>(xq[m * K + k]);
-      const int32_t hi = k + 1 < K ? static_cast<int16_t>(xq[m * K + k + 1]) : 0;
-      x2[m * steps + s] = static_cast<int32_t>((static_cast<uint32_t>(lo) & 0xFFFFu) | (static_cast<uint32_t>(hi) << 16));
+      const uint32_t lo = static_cast<uint16_t>(static_cast<int16_t>(x[k]));
+      const uint32_t hi = k + 1 < K ? static_cast<uint16_t>(static_cast<int16_t>(x[k + 1])) : 0;
+      out[s * kTile] = static_cast<int32_t>(lo | (hi << 16));
     }
   }
-  const int64_t panel_tiles = (panels + kPanels - 1) / kPanels, row_tiles = (M + kRows - 1) / kRows;
-  const int64_t tiles = panel_tiles * row_tiles;
-  // Panels outermost: a thread's tiles share a weight panel, which stays in cache across its rows.
-#pragma omp parallel for schedule(static) if (M * N * K > (1 << 18))
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t pt = t / row_tiles, rt = t % row_tiles;
-    const int64_t p0 = pt * kPanels, m0 = rt * kRows;
-    const int np = static_cast<int>(std::min<int64_t>(kPanels, panels - p0));
-    const int nr = static_cast<int>(std::min<int64_t>(kRows, M - m0));
-    switch (nr) {
-      case 4: tile_rows<4>(np, x2.data(), steps, packed, p0, m0, M, N, acc); break;
-      case 3: tile_rows<3>(np, x2.data(), steps, packed, p0, m0, M, N, acc); break;
-      case 2: tile_rows<2>(np, x2.data(), steps, packed, p0, m0, M, N, acc); break;
-      default: tile_rows<1>(np, x2.data(), steps, packed, p0, m0, M, N, acc); break;
+  // Tasks: a panel and a block of row tiles. All rows in one block while there are enough panels
+  // to keep every thread busy; otherwise rows are split too.
+  const int64_t row_blocks = std::min(row_tiles, std::max<int64_t>(1, (4 * threads + panels - 1) / panels));
+  const int64_t tiles_per_block = (row_tiles + row_blocks - 1) / row_blocks;
+  const int64_t tasks = panels * row_blocks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t p = t / row_blocks, rb = t % row_blocks;
+    const int64_t rt0 = rb * tiles_per_block, rt1 = std::min(row_tiles, rt0 + tiles_per_block);
+    const int cols = static_cast<int>(std::min<int64_t>(kPanel, N - p * kPanel));
+    for (int64_t s0 = 0; s0 < steps; s0 += kKc) {
+      const int64_t n = std::min(kKc, steps - s0);
+      const int8_t* panel = packed + (p * steps + s0) * kStepBytes;
+      for (int64_t rt = rt0; rt < rt1; ++rt) {
+        const int rows = static_cast<int>(std::min<int64_t>(kTile, M - rt * kTile));
+        const int32_t* x = xp.data() + (rt * steps + s0) * kTile;
+        int32_t* c = acc + rt * kTile * N + p * kPanel;
+        tile_rows(rows, x, panel, n, c, N, cols, s0 > 0);
+      }
     }
   }
 }

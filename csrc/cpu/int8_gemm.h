@@ -1,7 +1,7 @@
 // lowbit's own CPU int8 GEMM: acc[m, n] = sum_k xq[m, k] * w[n, k], exact int32, for hosts where
 // no library kernel is both fast and exact (oneDNN on AVX2 without VNNI sums pairs of u8 x s8
 // products in saturating int16). The weight is packed once per layer (pack_weight), the product
-// runs on the packed form (gemm). The x86 ISA path is chosen at run time (avx2_available).
+// runs on the packed form (gemm_avx2). The x86 ISA path is chosen at run time (avx2_available).
 #pragma once
 
 #include <stdint.h>
@@ -9,16 +9,17 @@
 namespace lowbit::cpu::int8 {
 
 // Columns per packed panel and input features per step of the packed layout.
-constexpr int64_t kPanel = 8;
+constexpr int64_t kPanel = 16;
 constexpr int64_t kPair = 2;
 
-// Bytes of the packed form of an int8 weight [N, K]: ceil(N / 8) panels of ceil(K / 2) steps of
-// 8 columns x 2 input features, zero-padded.
+// Bytes of the packed form of an int8 weight [N, K]: ceil(N / 16) panels of ceil(K / 2) steps of
+// 16 columns x 2 input features, zero-padded.
 int64_t packed_bytes(int64_t N, int64_t K);
 
 // Packs w [N, K] (row-major) into `packed` (packed_bytes(N, K) bytes):
-//   packed[((p * steps + s) * 8 + c) * 2 + j] = w[p * 8 + c, s * 2 + j]   (0 outside w)
-// so that one 16-byte load holds one step of 8 columns, widened to int16 pairs for vpmaddwd.
+//   packed[((p * steps + s) * 16 + c) * 2 + j] = w[p * 16 + c, s * 2 + j]   (0 outside w)
+// so that one 32-byte step holds 16 columns x 2 features; each 16-byte half, widened to int16,
+// is the weight operand of one vpmaddwd (8 columns, a pair of features each).
 void pack_weight(const int8_t* w, int64_t N, int64_t K, int8_t* packed);
 
 // Whether this CPU runs the AVX2 kernel.
