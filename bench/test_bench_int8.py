@@ -100,7 +100,7 @@ def test_int8_linear_vs_bf16(benchmark, device, quick, rows, shape):
     weight = linear.weight
     io_bytes = 2 * rows * (in_features + out_features)
     flops = 2 * rows * in_features * out_features
-    big = rows > module.gemv_max_rows or device.type == "cpu"
+    big = rows > module._gemv_rows or device.type == "cpu"
 
     def case(backend, weight_bytes, peak_kind):
         return Case(op="int8_linear", case=f"int8_linear {in_features}->{out_features} M={rows} bf16",
@@ -142,3 +142,26 @@ def test_int8_linear_vs_bf16(benchmark, device, quick, rows, shape):
         module.backend = impl
         measure(benchmark, case(impl, weight.numel(), "int8_tops" if big else "gbps"), lambda m: m(x), device,
                 weights=(module,))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}to{s[0]}")
+def test_cpu_gemv_or_gemm_by_rows(benchmark, device, quick, shape, rows):
+    """The CPU rule of Int8Linear (lowbit.int8.linear.GEMV_MAX_ROWS["cpu"]): the weight-only product
+    (int8_gemv) against the decomposed one (int8 GEMM) at 1 to 8 rows, side by side."""
+    if device.type != "cpu":
+        pytest.skip("the CPU rule")
+    linear, x = _problem((512, 384) if quick else shape, rows, device)
+    out_features, in_features = linear.weight.shape
+    entries = []
+    for name, max_rows in (("cpu_gemv", rows), ("cpu_gemm", 0)):
+        module = Int8Linear.from_linear(linear, gemv_max_rows=max_rows)
+        case = Case(op="int8_linear", case=f"int8 CPU rule {in_features}->{out_features} M={rows} bf16", backend=name,
+                    shapes={"weight": [out_features, in_features], "x": [rows, in_features]}, dtype="bf16",
+                    bytes_moved=linear.weight.numel() + 2 * rows * (in_features + out_features),
+                    flops=2 * rows * in_features * out_features, peak_kind="gbps")
+        entries.append((case, lambda m=module: m(x)))
+    with torch.inference_mode():
+        records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 15)
+    for r in records:
+        r["cpu_isa"] = harness.cpu_isa()

@@ -76,6 +76,27 @@ def test_shapes(rows):
         assert relative_error(y.reshape(rows, 384), _exact(linear, x)) < 0.02
 
 
+def test_cpu_small_batches_take_the_weight_only_product():
+    """On the CPU, inputs of at most 4 rows take int8_gemv (faster there, bench/test_bench_int8.py)
+    and larger ones the decomposed product; gemv_max_rows overrides the rule and is checked."""
+    linear = _minilm_linear(torch.bfloat16)
+    x = outlier_activations(5, linear.in_features)
+    module = Int8Linear.from_linear(linear)
+    w = module
+    gemv = ref.gemv(x, w.weight, w.weight_scale, w.static_idx, w.static_weight, w.bias).float()
+    decomposed = ref.linear(x, w.weight, w.weight_scale, w.static_mask, w.static_idx, w.static_weight, w.bias, 6.0)
+    assert (gemv - decomposed.float()).abs().max() > 1e-2  # the two products differ: the test can fail
+    tol = dict(rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(module(x[:4]).float(), gemv[:4], **tol)
+    torch.testing.assert_close(module(x).float(), decomposed.float(), **tol)
+    always = Int8Linear.from_linear(linear, gemv_max_rows=0)
+    torch.testing.assert_close(always(x[:1]).float(), decomposed[:1].float(), **tol)
+    assert always.config()["gemv_max_rows"] == 0 and module.config()["gemv_max_rows"] is None
+    for bad in (-1, 2.5, True, "4"):
+        with pytest.raises(ValueError, match="gemv_max_rows must be an int >= 0 or None"):
+            Int8Linear.from_linear(linear, gemv_max_rows=bad)
+
+
 def test_state_dict_round_trip_into_an_empty_module():
     linear = _minilm_linear(torch.float16)
     module = Int8Linear.from_linear(linear, calibration=outlier_activations(32, 384, dtype=torch.float16))

@@ -120,7 +120,8 @@ def test_matmul_uses_every_term():
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("static", [(), (4, 40)], ids=["nostatic", "static"])
 def test_gemv_matches_reference(dtype, rows, static):
-    x, _, b, idx, mask, wq, ws, kept = _layer(rows, 200, 33, dtype, static)
+    # 203 input features: 25 steps of 8 and a tail of 3; 33 outputs: 8 tiles of 4 and a tail of 1.
+    x, _, b, idx, mask, wq, ws, kept = _layer(rows, 203, 33, dtype, static)
     want = ref.gemv(x, wq, ws, idx, kept, b)
     got = ops.int8_gemv(x, wq, ws, idx, kept, b, backend="cpu")
     _close(got, want, dtype)
@@ -251,6 +252,51 @@ def test_int8_linear_on_every_forced_gemm_path(path):
     assert result.returncode == 0, result.stderr
     # bf16 outputs of the same fp32 sums in another order: a few bf16 ulps of the largest output.
     assert float(result.stdout.split("ERR")[1]) < 4 * 2**-8
+
+
+@pytest.mark.parametrize("path", ["avx2", "avx512", "generic"])
+def test_gemv_on_every_forced_path(path):
+    """The CPU weight-only product on each ISA path this host runs, forced through
+    LOWBIT_CPU_INT8_GEMV in a fresh process (read once), against the reference; an unknown or
+    unavailable path is refused by name."""
+    skip_unless_available("cpu", "cpu")
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    runs = {"generic": True, "avx2": " avx2" in flags and " fma" in flags,
+            "avx512": all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))}
+    code = textwrap.dedent("""
+        import torch
+        from lowbit import ops
+        from lowbit.reference import int8 as ref
+        g = torch.Generator().manual_seed(0)
+        for rows, k, n in [(1, 4101, 37), (4, 64, 5), (3, 7, 1)]:
+            w = torch.randn(n, k, generator=g).bfloat16()
+            idx = torch.tensor([0], dtype=torch.int32)
+            wq, ws, kept = ref.quantize_weight(w, idx)
+            x = torch.randn(rows, k, generator=g).bfloat16()
+            b = torch.randn(n, generator=g).bfloat16()
+            want = ref.gemv(x, wq, ws, idx, kept, b).float()
+            got = ops.int8_gemv(x, wq, ws, idx, kept, b, backend="cpu").float()
+            print("ERR", ((got - want).abs().max() / want.abs().max()).item())
+    """)
+    env = {**os.environ, "LOWBIT_CPU_INT8_GEMV": path}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if not runs[path]:
+        assert result.returncode != 0 and f"LOWBIT_CPU_INT8_GEMV={path}, but this CPU has no" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    errors = [float(part.split()[0]) for part in result.stdout.split("ERR")[1:]]
+    # bf16 outputs of fp32 sums in another order: a few bf16 ulps of the largest output.
+    assert len(errors) == 3 and max(errors) < 4 * 2**-8, errors
+
+
+def test_gemv_refuses_an_unknown_forced_path():
+    skip_unless_available("cpu", "cpu")
+    code = "import torch, lowbit; from lowbit import ops; x = torch.zeros(1, 8); " \
+           "ops.int8_gemv(x, torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(0, dtype=torch.int32), " \
+           "torch.zeros(2, 0), None, backend='cpu')"
+    env = {**os.environ, "LOWBIT_CPU_INT8_GEMV": "fast"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "LOWBIT_CPU_INT8_GEMV must be avx512, avx2 or generic, got 'fast'" in result.stderr
 
 
 @pytest.mark.parametrize("threshold", [6.01, 1e-40, 1e-50, -1.0, float("nan"), float("inf")])

@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -72,12 +73,13 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_sca
   const at::Tensor acc = acc_in.contiguous();
   const at::Tensor dyn_x = dyn_x_in.has_value() ? dyn_x_in->contiguous() : at::Tensor();
   const at::Tensor dyn_w = dyn_w_in.has_value() ? dyn_w_in->contiguous() : at::Tensor();
-  const at::Tensor stat_x = x_static.to(at::kFloat).contiguous();
-  const at::Tensor stat_w = static_weight.to(at::kFloat).t().contiguous();
+  const bool has_static = x_static.size(1) > 0;  // no conversions on the common path without any
+  const at::Tensor stat_x = has_static ? x_static.to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor stat_w = has_static ? static_weight.to(at::kFloat).t().contiguous() : at::Tensor();
   const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   const cpu::int8::Side dyn{ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
-  const cpu::int8::Side stat{stat_x.const_data_ptr<float>(), stat_w.const_data_ptr<float>(), stat_x.size(1)};
+  const cpu::int8::Side stat{ptr_or_null<float>(stat_x), ptr_or_null<float>(stat_w), has_static ? stat_x.size(1) : 0};
   dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
     using T = typename decltype(type)::type;
     const auto run = [&](auto* acc_ptr) {
@@ -196,8 +198,9 @@ class PerWeight {
 
 using PackedWeights = PerWeight<at::Tensor>;
 
-// The paths of the CPU int8 GEMM, all exact: oneDNN (where it passed the worst-case check), lowbit's
-// AVX2 kernel (csrc/cpu/int8_gemm.cpp, weight packed once into its panels), torch._int_mm.
+// The paths of the CPU int8 GEMM, all exact: oneDNN (where it passed the worst-case check, with the
+// weight packed once per weight tensor: a second copy), lowbit's AVX2 kernel (csrc/cpu/int8_gemm.cpp,
+// packs blocks of the row-major weight as it goes: no copy kept), torch._int_mm.
 enum class GemmPath { kAuto, kOneDnn, kAvx2, kIntMm };
 
 GemmPath parse_path(const std::string& path) {
@@ -223,12 +226,6 @@ GemmPath auto_path(int64_t K) {
   return GemmPath::kIntMm;
 }
 
-at::Tensor avx2_pack(const at::Tensor& weight) {
-  at::Tensor packed = at::empty({cpu::int8::packed_bytes(weight.size(0), weight.size(1))}, weight.options());
-  cpu::int8::pack_weight(weight.const_data_ptr<int8_t>(), weight.size(0), weight.size(1), packed.data_ptr<int8_t>());
-  return packed;
-}
-
 // xq int8 [M, K] @ weight int8 [N, K]^T -> the exact accumulator [M, N], int32 (fp32 from oneDNN).
 at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath path = GemmPath::kAuto) {
   const int64_t M = xq.size(0), K = xq.size(1), N = weight.size(0);
@@ -243,10 +240,8 @@ at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath pa
     }
     case GemmPath::kAvx2: {
       TORCH_CHECK_VALUE(cpu::int8::avx2_available(), "this CPU has no AVX2: the avx2 int8 GEMM cannot run");
-      static PackedWeights packed;
-      const at::Tensor panels = packed.get(weight, avx2_pack);
       at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
-      cpu::int8::gemm_avx2(xq.const_data_ptr<int8_t>(), M, K, panels.const_data_ptr<int8_t>(), N,
+      cpu::int8::gemm_avx2(xq.const_data_ptr<int8_t>(), M, K, weight.const_data_ptr<int8_t>(), N,
                            acc.data_ptr<int32_t>());
       return acc;
     }
@@ -259,7 +254,10 @@ at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath pa
 // of x, fp32) and dyn_w [D, N] (the int8 weight's columns there, fp32), or nothing when none is.
 std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> outlier_factors(
     const at::Tensor& x, const at::Tensor& col_flags, const at::Tensor& weight, float threshold) {
-  if (!(threshold > 0) || !col_flags.any().item<bool>()) return {};
+  if (!(threshold > 0)) return {};
+  const at::Tensor flags = col_flags.contiguous();
+  const uint8_t* f = flags.const_data_ptr<uint8_t>();
+  if (std::none_of(f, f + flags.numel(), [](uint8_t v) { return v != 0; })) return {};
   const at::Tensor cols = col_flags.nonzero().flatten();
   const at::Tensor dyn_x = x.index_select(1, cols).to(at::kFloat);
   // Gathering weight columns reads one byte per row of the weight; outlier features are the same

@@ -5,14 +5,18 @@
 #include "int8.h"
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "../common/int8.h"
+#include "int8_gemm.h"
 
 namespace lowbit::cpu::int8 {
 namespace {
@@ -59,6 +63,8 @@ bool use_avx512() {
 #define LOWBIT_INT8_CALL(fn, ...) generic::fn(__VA_ARGS__)
 #endif
 
+enum class GemvPath { kAvx512, kAvx2, kGeneric };
+
 }  // namespace
 
 template <typename T>
@@ -76,10 +82,53 @@ void epilogue(const Acc* acc, int64_t M, int64_t N, const float* row_scale, cons
   generic::epilogue<Acc, T>(acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
 }
 
+// The weight-only product's path: AVX-512 (the compiler's vectorization of int8_kernels.inc), the
+// AVX2 kernel of int8_gemm.cpp (hand-vectorized: the compiler's version reads int8 and x through
+// scalar conversions), or the plain build. LOWBIT_CPU_INT8_GEMV (avx512, avx2, generic) forces one
+// for tests and comparisons; read once.
+static GemvPath gemv_path() {
+  static const GemvPath path = [] {
+    const char* env = std::getenv("LOWBIT_CPU_INT8_GEMV");
+    const std::string forced = env ? env : "";
+    if (forced == "avx512") {
+      TORCH_CHECK_VALUE(use_avx512(), "LOWBIT_CPU_INT8_GEMV=avx512, but this CPU has no AVX-512");
+      return GemvPath::kAvx512;
+    }
+    if (forced == "avx2") {
+      TORCH_CHECK_VALUE(avx2_available(), "LOWBIT_CPU_INT8_GEMV=avx2, but this CPU has no AVX2");
+      return GemvPath::kAvx2;
+    }
+    if (forced == "generic") return GemvPath::kGeneric;
+    TORCH_CHECK_VALUE(forced.empty(), "LOWBIT_CPU_INT8_GEMV must be avx512, avx2 or generic, got '", forced, "'");
+    if (use_avx512()) return GemvPath::kAvx512;
+    return avx2_available() ? GemvPath::kAvx2 : GemvPath::kGeneric;
+  }();
+  return path;
+}
+
 template <typename T>
 void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, const float* weight_scale,
           const float* extra, const T* bias, T* y) {
-  LOWBIT_INT8_CALL(gemv<T>, x, M, K, weight, N, weight_scale, extra, bias, y);
+  switch (gemv_path()) {
+#ifdef LOWBIT_HAVE_AVX512_BUILD
+    case GemvPath::kAvx512: return avx512::gemv<T>(x, M, K, weight, N, weight_scale, extra, bias, y);
+#endif
+    case GemvPath::kAvx2: {
+      std::vector<float> xf(static_cast<size_t>(M * K)), sums(static_cast<size_t>(M * N));
+      to_float(x, M * K, xf.data());
+      dots_avx2(xf.data(), M, K, weight, N, sums.data());
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t n = 0; n < N; ++n) {
+          float v = sums[m * N + n] * weight_scale[n];
+          if (extra) v += extra[m * N + n];
+          if (bias) v += static_cast<float>(bias[n]);
+          y[m * N + n] = static_cast<T>(v);
+        }
+      }
+      return;
+    }
+    default: return generic::gemv<T>(x, M, K, weight, N, weight_scale, extra, bias, y);
+  }
 }
 
 

@@ -15,7 +15,10 @@ from lowbit.reference.int8 import QMAX, dequantize, static_mask
 
 # bitsandbytes' Linear8bitLt state dicts: weight (int8 "CB"), SCB (fp32 row absmax), weight_format.
 _BNB_ROW_FORMAT = 0
-GEMV_MAX_ROWS = 16
+# Inputs of at most this many rows take the weight-only product, per device type (gemv_max_rows=None):
+# on CUDA it reads half the bytes of bf16 for decoding; on the CPU it beat the int8 GEMM up to 4 rows
+# and lost at 8 (AVX2 host, 4096->4096, 4096->14336, 14336->4096; bench/test_bench_int8.py).
+GEMV_MAX_ROWS = {"cuda": 16, "cpu": 4}
 MAGIC = stored.magic_number("lbi8")
 FORMAT_VERSION = 1
 _DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -39,8 +42,10 @@ class Int8Linear(LowbitLinear):
     time (``from_linear(..., calibration=...)``): their weight columns are kept in 16-bit, so they
     lose nothing. ``threshold=0`` turns the dynamic split off.
 
-    On CUDA, inputs of at most ``gemv_max_rows`` rows (decoding) use the weight-only product
-    (16-bit activations, int8 weight): more accurate, and it reads half the bytes of bf16.
+    Inputs of at most ``gemv_max_rows`` rows (decoding) use the weight-only product (16-bit
+    activations, int8 weight): more accurate, and faster there. The default (None) is 16 on CUDA
+    and 4 on the CPU, where each product is the faster one (measured, see ``GEMV_MAX_ROWS``);
+    0 always takes the decomposed product.
 
     Stored form (the state dict, docs/formats.md "int8"): ``weight`` int8 [out, in],
     ``weight_scale`` fp32 [out], ``static_idx`` int32 [S], ``static_weight`` [out, S],
@@ -53,7 +58,7 @@ class Int8Linear(LowbitLinear):
     fixed_dtype_buffers = ("weight_scale", "threshold")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0, *,
-                 dtype=torch.bfloat16, device=None, backend: str | None = None, gemv_max_rows: int = GEMV_MAX_ROWS):
+                 dtype=torch.bfloat16, device=None, backend: str | None = None, gemv_max_rows: int | None = None):
         super().__init__(in_features, out_features, bias, dtype=dtype, device=device, backend=backend)
         # An empty layer holds an all-zero weight until load_state_dict fills it.
         self._setup(Int8Weight(
@@ -66,7 +71,7 @@ class Int8Linear(LowbitLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0, *, calibration=None, static_idx=None,
                     max_static: int | None = None, backend: str | None = None,
-                    gemv_max_rows: int = GEMV_MAX_ROWS) -> "Int8Linear":
+                    gemv_max_rows: int | None = None) -> "Int8Linear":
         """Quantize ``linear``'s weight (bf16, fp16 or fp32) to int8 with per-row scales; the
         bias is kept as it is, and the layer computes in the weight's dtype.
 
@@ -95,7 +100,10 @@ class Int8Linear(LowbitLinear):
             module.bias = nn.Parameter(linear.bias.detach().to(weight.dtype, copy=True), requires_grad=False)
         return module
 
-    def _setup(self, weight: Int8Weight, threshold: float, gemv_max_rows: int) -> None:
+    def _setup(self, weight: Int8Weight, threshold: float, gemv_max_rows: int | None) -> None:
+        if gemv_max_rows is not None and (isinstance(gemv_max_rows, bool) or not isinstance(gemv_max_rows, int)
+                                          or gemv_max_rows < 0):
+            raise ValueError(f"gemv_max_rows must be an int >= 0 or None, got {gemv_max_rows!r}")
         self.gemv_max_rows = gemv_max_rows
         self._set_weight(weight)
         self.register_buffer("threshold", torch.tensor(check_threshold(threshold), dtype=torch.float32,
@@ -122,8 +130,9 @@ class Int8Linear(LowbitLinear):
         device = self.weight.device
         backend = "reference" if device.type == "meta" else self.backend  # meta: shapes only, until loaded
         self._linear = ops.op("int8_linear", backend, device)
-        # The weight-only product pays on GPUs only; on the CPU the int8 GEMM is faster.
-        self._gemv = ops.op("int8_gemv", backend, device) if device.type == "cuda" else None
+        self._gemv = ops.op("int8_gemv", backend, device) if device.type in GEMV_MAX_ROWS else None
+        rows = self.gemv_max_rows
+        self._gemv_rows = GEMV_MAX_ROWS.get(device.type, 0) if rows is None else rows
 
     def _config_extra(self) -> dict:
         return {"threshold": self._threshold, "gemv_max_rows": self.gemv_max_rows}
@@ -224,7 +233,7 @@ class Int8Linear(LowbitLinear):
         return f"{super().extra_repr()}, threshold={self._threshold}, static_columns={self.static_idx.numel()}"
 
     def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gemv is not None and 0 < x.shape[0] <= self.gemv_max_rows:
+        if self._gemv is not None and 0 < x.shape[0] <= self._gemv_rows:
             return self._gemv(x, self.weight, self.weight_scale, self.static_idx, self.static_weight, self.bias)
         return self._linear(x.contiguous(), self.weight, self.weight_scale, self.static_mask, self.static_idx,
                             self.static_weight, self.bias, self._threshold)
