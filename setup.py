@@ -89,7 +89,10 @@ def extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     # No fused multiply-add contraction: kernels round at the steps their spec names (int8 quantization).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # -fno-trapping-math changes no value; it lets GCC turn the selects of branch-free float code
+    # (clamps, NaN tests) into vector blends instead of branches (the int8 pre-pass's quantization
+    # loop ran scalar on AVX2 without it).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     cuda_glue = _sources("csrc/bindings/*_cuda.cpp")
     # Each family adds its files here by their names alone: csrc/bindings/<family>[_cuda].cpp,
     # csrc/cpu/<family>.cpp, csrc/cuda/<family>.cu.

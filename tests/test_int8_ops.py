@@ -211,7 +211,7 @@ def test_cpu_gemm_paths_are_exact_and_repack_a_modified_weight(worst, shape):
         w[: (n + 1) // 2] = 127
         w[(n + 1) // 2:] = -127
     paths = _gemm_paths()
-    assert "int_mm" in paths and ("avx2" in paths) == torch.backends.cpu.get_cpu_capability().startswith("AVX")
+    assert "int_mm" in paths and ("avx2" in paths) == _host_isas()["avx2"]
     for path in ["auto", *paths]:
         want = xq.double() @ w.double().T
         assert torch.equal(torch.ops.lowbit._int8_gemm(xq, w, path).double(), want), path
@@ -254,49 +254,58 @@ def test_int8_linear_on_every_forced_gemm_path(path):
     assert float(result.stdout.split("ERR")[1]) < 4 * 2**-8
 
 
-@pytest.mark.parametrize("path", ["avx2", "avx512", "generic"])
-def test_gemv_on_every_forced_path(path):
-    """The CPU weight-only product on each ISA path this host runs, forced through
-    LOWBIT_CPU_INT8_GEMV in a fresh process (read once), against the reference; an unknown or
-    unavailable path is refused by name."""
+def _host_isas() -> dict:
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    avx2 = {"avx2", "fma", "f16c"} <= flags
+    return {"generic": True, "avx2": avx2, "avx512": avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags}
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_cpu_kernels_on_every_isa(isa):
+    """The int8 CPU kernels (pre-pass, the decomposed product with its epilogue, the weight-only
+    product) on each ISA build this host runs, forced through LOWBIT_CPU_ISA in a fresh process
+    (read once), against the reference; an ISA the host lacks is refused by name."""
     skip_unless_available("cpu", "cpu")
-    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
-    runs = {"generic": True, "avx2": " avx2" in flags and " fma" in flags,
-            "avx512": all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))}
     code = textwrap.dedent("""
         import torch
         from lowbit import ops
         from lowbit.reference import int8 as ref
         g = torch.Generator().manual_seed(0)
-        for rows, k, n in [(1, 4101, 37), (4, 64, 5), (3, 7, 1)]:
+        for rows, k, n in [(1, 4101, 37), (4, 64, 5), (3, 7, 1), (19, 97, 35)]:
             w = torch.randn(n, k, generator=g).bfloat16()
             idx = torch.tensor([0], dtype=torch.int32)
             wq, ws, kept = ref.quantize_weight(w, idx)
+            mask = ref.static_mask(idx, k, "cpu").to(torch.uint8)
             x = torch.randn(rows, k, generator=g).bfloat16()
+            x[0, -1] = 40.0  # an outlier
             b = torch.randn(n, generator=g).bfloat16()
-            want = ref.gemv(x, wq, ws, idx, kept, b).float()
-            got = ops.int8_gemv(x, wq, ws, idx, kept, b, backend="cpu").float()
-            print("ERR", ((got - want).abs().max() / want.abs().max()).item())
+            pre, want_pre = ops.int8_prepass(x, mask, idx, 6.0, backend="cpu"), ref.prepass(x, mask, idx, 6.0)
+            assert all(torch.equal(p, q) for p, q in zip(pre, want_pre)), "prepass"
+            for name, got, want in [
+                ("gemv", ops.int8_gemv(x, wq, ws, idx, kept, b, backend="cpu"), ref.gemv(x, wq, ws, idx, kept, b)),
+                ("linear", ops.int8_linear(x, wq, ws, mask, idx, kept, b, 6.0, backend="cpu"),
+                 ref.linear(x, wq, ws, mask, idx, kept, b, 6.0))]:
+                print("ERR", name, ((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
     """)
-    env = {**os.environ, "LOWBIT_CPU_INT8_GEMV": path}
+    env = {**os.environ, "LOWBIT_CPU_ISA": isa}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    if not runs[path]:
-        assert result.returncode != 0 and f"LOWBIT_CPU_INT8_GEMV={path}, but this CPU has no" in result.stderr
+    if not _host_isas()[isa]:
+        assert result.returncode != 0 and f"LOWBIT_CPU_ISA={isa}, but this CPU has no {isa}" in result.stderr
         return
     assert result.returncode == 0, result.stderr
-    errors = [float(part.split()[0]) for part in result.stdout.split("ERR")[1:]]
+    errors = [float(part.split()[1]) for part in result.stdout.split("ERR")[1:]]
     # bf16 outputs of fp32 sums in another order: a few bf16 ulps of the largest output.
-    assert len(errors) == 3 and max(errors) < 4 * 2**-8, errors
+    assert len(errors) == 8 and max(errors) < 4 * 2**-8, result.stdout
 
 
-def test_gemv_refuses_an_unknown_forced_path():
+def test_cpu_isa_refuses_an_unknown_name():
     skip_unless_available("cpu", "cpu")
     code = "import torch, lowbit; from lowbit import ops; x = torch.zeros(1, 8); " \
            "ops.int8_gemv(x, torch.zeros(2, 8, dtype=torch.int8), torch.ones(2), torch.zeros(0, dtype=torch.int32), " \
            "torch.zeros(2, 0), None, backend='cpu')"
-    env = {**os.environ, "LOWBIT_CPU_INT8_GEMV": "fast"}
+    env = {**os.environ, "LOWBIT_CPU_ISA": "fast"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0 and "LOWBIT_CPU_INT8_GEMV must be avx512, avx2 or generic, got 'fast'" in result.stderr
+    assert result.returncode != 0 and "LOWBIT_CPU_ISA must be generic, avx2 or avx512, got 'fast'" in result.stderr
 
 
 @pytest.mark.parametrize("threshold", [6.01, 1e-40, 1e-50, -1.0, float("nan"), float("inf")])

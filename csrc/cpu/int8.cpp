@@ -1,25 +1,26 @@
 // C++ CPU kernels of the int8 family; see int8.h. The per-element rules come from
 // csrc/common/int8.h, which the CUDA kernels use too. Loops are written without branches so that
-// the compiler vectorizes them, once for plain x86-64 and once for AVX-512 (picked at run time);
+// the compiler vectorizes them, once each for plain x86-64, AVX2 and AVX-512 (picked at run time);
 // OpenMP splits rows (pre-pass, epilogue) or output features (gemv).
 #include "int8.h"
 
 #include <c10/util/BFloat16.h>
-#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 #include <omp.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
-#include <string>
 #include <vector>
 
 #include "../common/int8.h"
 #include "int8_gemm.h"
+#include "isa.h"
 
 namespace lowbit::cpu::int8 {
 namespace {
+
+using lowbit::cpu::Isa;
+using lowbit::cpu::cpu_isa;
 
 using lowbit::int8::QMAX;
 
@@ -45,25 +46,24 @@ namespace avx512 {
 #include "int8_kernels.inc"
 }  // namespace avx512
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "int8_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
 
-bool use_avx512() {
+// The build of cpu_isa() (isa.h). -ffp-contract=off keeps every build's arithmetic the same, so
+// the paths differ in speed only.
 #ifdef LOWBIT_HAVE_AVX512_BUILD
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return yes;
-#else
-  return false;
-#endif
-}
-
-#ifdef LOWBIT_HAVE_AVX512_BUILD
-#define LOWBIT_INT8_CALL(fn, ...) (use_avx512() ? avx512::fn(__VA_ARGS__) : generic::fn(__VA_ARGS__))
+#define LOWBIT_INT8_CALL(fn, ...)                                                             \
+  (cpu_isa() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__)                                        \
+   : cpu_isa() == Isa::kAvx2 ? avx2::fn(__VA_ARGS__)                                          \
+                             : generic::fn(__VA_ARGS__))
 #else
 #define LOWBIT_INT8_CALL(fn, ...) generic::fn(__VA_ARGS__)
 #endif
-
-enum class GemvPath { kAvx512, kAvx2, kGeneric };
 
 }  // namespace
 
@@ -77,43 +77,24 @@ template <typename Acc, typename T>
 void epilogue(const Acc* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
               Side stat, const T* bias, T* y) {
 #ifdef LOWBIT_HAVE_AVX512_BUILD
-  if (use_avx512()) return avx512::epilogue<Acc, T>(acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
+  if (cpu_isa() == Isa::kAvx512) {
+    return avx512::epilogue<Acc, T>(acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
+  }
+  if (cpu_isa() == Isa::kAvx2) return avx2::epilogue<Acc, T>(acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
 #endif
   generic::epilogue<Acc, T>(acc, M, N, row_scale, weight_scale, dyn, stat, bias, y);
-}
-
-// The weight-only product's path: AVX-512 (the compiler's vectorization of int8_kernels.inc), the
-// AVX2 kernel of int8_gemm.cpp (hand-vectorized: the compiler's version reads int8 and x through
-// scalar conversions), or the plain build. LOWBIT_CPU_INT8_GEMV (avx512, avx2, generic) forces one
-// for tests and comparisons; read once.
-static GemvPath gemv_path() {
-  static const GemvPath path = [] {
-    const char* env = std::getenv("LOWBIT_CPU_INT8_GEMV");
-    const std::string forced = env ? env : "";
-    if (forced == "avx512") {
-      TORCH_CHECK_VALUE(use_avx512(), "LOWBIT_CPU_INT8_GEMV=avx512, but this CPU has no AVX-512");
-      return GemvPath::kAvx512;
-    }
-    if (forced == "avx2") {
-      TORCH_CHECK_VALUE(avx2_available(), "LOWBIT_CPU_INT8_GEMV=avx2, but this CPU has no AVX2");
-      return GemvPath::kAvx2;
-    }
-    if (forced == "generic") return GemvPath::kGeneric;
-    TORCH_CHECK_VALUE(forced.empty(), "LOWBIT_CPU_INT8_GEMV must be avx512, avx2 or generic, got '", forced, "'");
-    if (use_avx512()) return GemvPath::kAvx512;
-    return avx2_available() ? GemvPath::kAvx2 : GemvPath::kGeneric;
-  }();
-  return path;
 }
 
 template <typename T>
 void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, const float* weight_scale,
           const float* extra, const T* bias, T* y) {
-  switch (gemv_path()) {
+  // AVX2: the hand-vectorized kernel of int8_gemm.cpp (the compiler's build of int8_kernels.inc
+  // converts int8 and x with scalar code there); AVX-512: the compiler's build.
+  switch (cpu_isa()) {
 #ifdef LOWBIT_HAVE_AVX512_BUILD
-    case GemvPath::kAvx512: return avx512::gemv<T>(x, M, K, weight, N, weight_scale, extra, bias, y);
+    case Isa::kAvx512: return avx512::gemv<T>(x, M, K, weight, N, weight_scale, extra, bias, y);
 #endif
-    case GemvPath::kAvx2: {
+    case Isa::kAvx2: {
       std::vector<float> xf(static_cast<size_t>(M * K)), sums(static_cast<size_t>(M * N));
       to_float(x, M * K, xf.data());
       dots_avx2(xf.data(), M, K, weight, N, sums.data());

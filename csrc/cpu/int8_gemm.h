@@ -19,7 +19,7 @@ constexpr int64_t kPair = 2;
 // packs a block of a panel into a small buffer (a 16 x 16 transpose of int16 pairs per 16 steps)
 // just before the tiles that use it, so no second copy of the weight is kept.
 
-// Whether this CPU runs the AVX2 kernel.
+// Whether the AVX2 kernels run: cpu_isa() (isa.h) is AVX2 or wider.
 bool avx2_available();
 
 // acc [M, N] (row-major int32) = xq [M, K] @ w [N, K]^T (both row-major). Exact: every product of two int8
