@@ -193,9 +193,11 @@ def _gemm_paths():
 
 
 # (13, 8195, 21): two K blocks of the AVX2 kernel, a 1-row tile, a 5-column panel; (40, 64, 20): rows
-# split across tasks (few panels); (6, 16, 8): one full 6-row tile.
+# split across tasks (few panels); (6, 16, 8): one full 6-row tile; (9, 4133, 70): the packed kernel's
+# 32-step transposes and their tail; (8, 37, 7) and (1, 97, 17): the few-rows kernel (<= 8 rows), its
+# 16-feature steps and tail.
 @pytest.mark.parametrize("shape", [(9, 80, 11), (1, 97, 17), (33, 4097, 129), (4, 1, 3), (7, 2, 9), (6, 16, 8),
-                                   (13, 8195, 21), (40, 64, 20)], ids=param_id)
+                                   (13, 8195, 21), (40, 64, 20), (9, 4133, 70), (8, 37, 7)], ids=param_id)
 @pytest.mark.parametrize("worst", [False, True], ids=["random", "all127"])
 def test_cpu_gemm_paths_are_exact_and_repack_a_modified_weight(worst, shape):
     """Every CPU GEMM path this host runs (oneDNN where exact here, lowbit's AVX2 kernel,

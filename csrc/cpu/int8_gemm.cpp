@@ -3,14 +3,16 @@
 // instruction of vpmaddubsw, but exact for the whole int8 range, with no offset or column-sum
 // compensation (vpmaddubsw's u8 x s8 pair sums saturate int16: 255 * 127 * 2 > 32767).
 //
-// Blocking: a task is one panel of 16 weight columns and a block of rows, run in blocks of kKc steps
+// Blocking: a task is a block of rows and one panel of 16 weight columns, run in blocks of kKc steps
 // (2 input features each) of the panel, each packed (int8_gemm.h) into a per-thread buffer that
-// stays in L1/L2 while every row tile of the block runs over it. x is packed
-// once per call into int16 pairs, 6 rows interleaved per step, so a tile reads one stream. A
-// register tile is 6 rows x 16 columns: per step 2 weight loads widened to int16 (vpmovsxbw),
-// 6 broadcasts, 12 vpmaddwd and 12 vpaddd into 12 accumulators. Measured on Zen 3 (2 threads):
-// 75-80% of a register-only vpmaddwd + vpaddd loop. Widening a block of the panel into an int16
-// buffer once per K block and sharing it across row tiles (GotoBLAS' packed B) was measured slower.
+// stays in L1/L2 while every row tile of the block runs over it. x is packed once per call into
+// int16 pairs, 6 rows interleaved per step, so a tile reads one stream. A register tile is 6 rows x
+// 16 columns: per step 2 weight loads widened to int16 (vpmovsxbw), 6 broadcasts, 12 vpmaddwd and
+// 12 vpaddd into 12 accumulators. Measured on Zen 3 (2 threads): 75-80% of a register-only vpmaddwd
+// + vpaddd loop. Widening a block of the panel into an int16 buffer once per K block and sharing it
+// across row tiles (GotoBLAS' packed B) was measured slower. Up to kSmallRows rows the product runs
+// along k on the row-major weight instead (gemm_small), and dots_avx2 is the weight-only product's
+// kernel (fp32 x, int8 weight).
 #include "int8_gemm.h"
 
 #include "isa.h"
@@ -39,6 +41,9 @@ namespace {
 
 constexpr int kTile = 6;        // rows per register tile
 constexpr int64_t kKc = 1024;   // steps per K block: 32 KB of a packed panel, in L1/L2
+// At most this many rows take the few-rows product (gemm_small): measured 20-25% faster than
+// packing at 4 and 8 rows, 10% slower at 16 (4096 x 4096, AVX2 host).
+constexpr int64_t kSmallRows = 8;
 constexpr int64_t kXBlock = 2 << 20;  // bytes of packed x per row block: in L3 beside the weight
 
 #pragma GCC push_options
@@ -227,7 +232,77 @@ void tile_rows(int rows, const int32_t* xp, const int8_t* w, int64_t steps, int3
   }
 }
 
+// The few-rows product, without packing: each sum runs along k in vpmaddwd lanes (x widened to
+// int16 once per call, 16 weights of a row widened per step), MR x rows by NR weight rows, and the
+// 8 int32 lanes are added at the end (exact). Per step 3 weight widenings, 3 x loads and 9
+// vpmaddwd: more instructions per product than the packed tile, but no 16 x 16 transposes; the
+// faster of the two up to kSmallRows rows. `next`: as in dots_tile.
+template <int MR, int NR>
+void small_tile(const int16_t* x, int64_t ldx, int64_t K, const int8_t* w, const int8_t* next, int32_t* out,
+                int64_t ldo) {
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int64_t k16 = K / 16 * 16;
+  for (int64_t k = 0; k < k16; k += 16) {
+    if (next != nullptr && (k & 63) == 0) {
+      for (int j = 0; j < NR; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * K + k), _MM_HINT_T1);
+    }
+    __m256i wv[NR];
+    for (int j = 0; j < NR; ++j) {
+      wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + j * K + k)));
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i * ldx + k));
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv, wv[j]));
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NR; ++j) {
+      const __m128i q = _mm_add_epi32(_mm256_castsi256_si128(acc[i][j]), _mm256_extracti128_si256(acc[i][j], 1));
+      const __m128i d = _mm_add_epi32(q, _mm_unpackhi_epi64(q, q));
+      int32_t sum = _mm_cvtsi128_si32(_mm_add_epi32(d, _mm_shuffle_epi32(d, 1)));
+      for (int64_t k = k16; k < K; ++k) sum += static_cast<int32_t>(x[i * ldx + k]) * w[j * K + k];
+      out[i * ldo + j] = sum;
+    }
+  }
+}
+
+template <int NR>
+void small_rows(int rows, const int16_t* x, int64_t ldx, int64_t K, const int8_t* w, const int8_t* next,
+                int32_t* out, int64_t ldo) {
+  switch (rows) {
+    case 3: return small_tile<3, NR>(x, ldx, K, w, next, out, ldo);
+    case 2: return small_tile<2, NR>(x, ldx, K, w, next, out, ldo);
+    default: return small_tile<1, NR>(x, ldx, K, w, next, out, ldo);
+  }
+}
+
 #pragma GCC pop_options
+
+void gemm_small(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t N, int32_t* acc, int threads) {
+  constexpr int64_t kCols = 3, kRows = 3;  // 9 accumulators, 3 weight vectors, x: no spills
+  std::vector<int16_t> x16(static_cast<size_t>(M * K));
+  for (int64_t i = 0; i < M * K; ++i) x16[i] = xq[i];
+  const int64_t tiles = (N + kCols - 1) / kCols;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * kCols;
+    const int cols = static_cast<int>(std::min(kCols, N - n0));
+    const int8_t* wn = w + n0 * K;
+    for (int64_t m0 = 0; m0 < M; m0 += kRows) {  // the tile's weight rows stay in L1 across x rows
+      const int rows = static_cast<int>(std::min(kRows, M - m0));
+      const int8_t* next = m0 == 0 && n0 + 2 * kCols <= N ? wn + kCols * K : nullptr;
+      const int16_t* xm = x16.data() + m0 * K;
+      int32_t* o = acc + m0 * N + n0;
+      switch (cols) {
+        case 3: small_rows<3>(rows, xm, K, K, wn, next, o, N); break;
+        case 2: small_rows<2>(rows, xm, K, K, wn, next, o, N); break;
+        default: small_rows<1>(rows, xm, K, K, wn, next, o, N); break;
+      }
+    }
+  }
+}
 
 }  // namespace
 
@@ -236,6 +311,7 @@ void gemm_avx2(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t 
   const int64_t row_tiles = (M + kTile - 1) / kTile;
   const bool parallel = M * N * K > (1 << 18);
   const int threads = parallel ? omp_get_max_threads() : 1;
+  if (M <= kSmallRows) return gemm_small(xq, M, K, w, N, acc, threads);
   // x as int16 pairs in int32 words, 6 rows interleaved per step, zero-padded (odd K, last tile).
   std::vector<int32_t> xp(static_cast<size_t>(row_tiles * steps * kTile), 0);
 #pragma omp parallel for schedule(static) if (parallel && M > 1)
