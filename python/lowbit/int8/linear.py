@@ -16,9 +16,10 @@ from lowbit.reference.int8 import QMAX, dequantize, static_mask
 # bitsandbytes' Linear8bitLt state dicts: weight (int8 "CB"), SCB (fp32 row absmax), weight_format.
 _BNB_ROW_FORMAT = 0
 # Inputs of at most this many rows take the weight-only product, per device type (gemv_max_rows=None):
-# on CUDA it reads half the bytes of bf16 for decoding; on the CPU it beat the int8 GEMM up to 4 rows
-# and lost at 8 (AVX2 host, 4096->4096, 4096->14336, 14336->4096; bench/test_bench_int8.py).
-GEMV_MAX_ROWS = {"cuda": 16, "cpu": 4}
+# on CUDA it reads half the bytes of bf16 for decoding; on the CPU it ties with the int8 GEMM at 1 row
+# (and rounds no activations) and loses from 2 rows on, by 5-20% at 2-4 rows and 15-35% at 8, to the
+# GEMM's few-rows kernel (AVX2 host, 4096->4096 and 4096->14336; bench/test_bench_int8.py).
+GEMV_MAX_ROWS = {"cuda": 16, "cpu": 1}
 MAGIC = stored.magic_number("lbi8")
 FORMAT_VERSION = 1
 _DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -44,7 +45,7 @@ class Int8Linear(LowbitLinear):
 
     Inputs of at most ``gemv_max_rows`` rows (decoding) use the weight-only product (16-bit
     activations, int8 weight): more accurate, and faster there. The default (None) is 16 on CUDA
-    and 4 on the CPU, where each product is the faster one (measured, see ``GEMV_MAX_ROWS``);
+    and 1 on the CPU, where each product is the faster one (measured, see ``GEMV_MAX_ROWS``);
     0 always takes the decomposed product.
 
     Stored form (the state dict, docs/formats.md "int8"): ``weight`` int8 [out, in],
