@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import harness
+import lowbit.files
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -44,10 +45,15 @@ def pytest_sessionfinish(session, exitstatus):
     device = torch.device(session.config.getoption("--lowbit-device")
                           or ("cuda" if torch.cuda.is_available() else "cpu"))
     now = datetime.datetime.now(datetime.timezone.utc)
+    quick = session.config.getoption("--lowbit-quick")
     out = session.config.getoption("--lowbit-results")
     if out is None:
+        # Named by default: never replace an earlier run's file (a second run of the day, or a
+        # subset of the cases, would lose its figures); quick runs get names of their own.
         slug = re.sub(r"[^A-Za-z0-9]+", "-", harness.device_name(device)).strip("-").lower()[:40]
-        out = RESULTS_DIR / f"{now:%Y-%m-%d}_{slug}.json"
+        out = lowbit.files.free_name(RESULTS_DIR / f"{now:%Y-%m-%d}_{slug}{'_quick' if quick else ''}.json")
+    elif quick:
+        out = lowbit.files.free_name(out)  # a quick run never replaces measured results
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -60,10 +66,10 @@ def pytest_sessionfinish(session, exitstatus):
         # CPU timings are only as good as the machine was quiet: 1/5/15-minute load averages at the end.
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
-        "quick": session.config.getoption("--lowbit-quick"),
+        "quick": quick,
         "records": records,
         "facts": harness.FACTS,
     }
-    out.write_text(json.dumps(doc, indent=1))
+    out = lowbit.files.write_text(out, json.dumps(doc, indent=1), what="--lowbit-results")
     session.config._lowbit_results_path = str(out)
     print(f"\nlowbit results: {out}")

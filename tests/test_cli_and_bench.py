@@ -33,10 +33,15 @@ def test_info_lists_every_backend():
 
 def test_bench_writes_paired_results(tmp_path):
     skip_unless_available("cpu", "cpu")
-    out = tmp_path / "results.json"
-    result = _lowbit("bench", "--quick", "--out", str(out), "-k", "bits4 and not unpack")
+    measured = tmp_path / "results.json"
+    measured.write_text('{"quick": false}')  # a day's real results: a quick run must keep them
+    result = _lowbit("bench", "--quick", "--out", str(measured), "-k", "bits4 and not unpack")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert measured.read_text() == '{"quick": false}'
+    out = tmp_path / "results-2.json"
+    assert f"results: {out}" in result.stdout
     doc = json.loads(out.read_text())
+    assert doc["quick"] is True
     assert doc["versions"]["torch"] and doc["device"] and doc["date"]
     by_backend = {r["backend"]: r for r in doc["records"]}
     assert {"baseline", "reference", "cpu"} <= set(by_backend)

@@ -48,7 +48,7 @@ def test_inspect_of_a_damaged_dfloat_file_names_the_format_error_and_the_file(tm
     save_file({"w.header": torch.zeros(8, dtype=torch.int64)}, str(path))
     assert cli.main(["inspect", str(path)]) == 1
     line = _one_error_line(capsys.readouterr().err)
-    assert "missing w." in line and str(path) in line
+    assert "'w'" in line and "missing codes" in line and str(path) in line
 
 
 def test_a_missing_package_says_which_to_install(tmp_path, capsys, monkeypatch):

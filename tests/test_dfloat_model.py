@@ -25,7 +25,7 @@ def test_compress_state_dict_round_trips_a_real_model():
     sd = {k: v.to(torch.bfloat16) for k, v in list(minilm_state_dict().items())[:12]}
     sd["step"] = torch.tensor(3)  # not a float: kept as it is
     stored = lowbit.dfloat.compress_state_dict(sd, progress=False)
-    assert "step" in stored and any(k.endswith(".codes") for k in stored)
+    assert "tensor:step" in stored and any(k.startswith("dfloat:codes:") for k in stored)
     back = lowbit.dfloat.decompress_state_dict(stored)
     assert back.keys() == sd.keys()
     for k, v in sd.items():

@@ -5,7 +5,7 @@ that runs them is chosen by one rule (``lowbit.backend``).
 """
 
 from lowbit import backend, ops, registry
-from lowbit import dfloat, int8, nn
+from lowbit import dfloat, files, int8, nn
 from lowbit import quantization
 from lowbit.quantization import quantize
 from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
@@ -13,6 +13,6 @@ from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "int8", "nn", "ops", "quantization",
+    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "files", "int8", "nn", "ops", "quantization",
     "quantize", "registry", "__version__",
 ]

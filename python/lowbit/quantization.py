@@ -140,7 +140,9 @@ def quantize(model: nn.Module, method: str, *, filter_fn: Callable[[nn.Module, s
 
     Each original layer is freed as soon as its replacement is in place (nothing here holds the
     originals), so memory peaks at about the model plus one layer being converted, unless the
-    caller still holds references to the layers.
+    caller still holds references to the layers. If the converted layers end up larger than the
+    originals (small layers, whose fixed costs such as a decode table outweigh the savings), a
+    warning says so.
     """
     known = [f.name for f in registry.families()]
     if method not in known:
@@ -155,17 +157,43 @@ def quantize(model: nn.Module, method: str, *, filter_fn: Callable[[nn.Module, s
     collectors = {}
     if calibration is not None and names:
         collectors = collect(model, dict.fromkeys(names, family.calibration), calibration, progress)
+    before = after = 0
+    grown = []
     for name in tqdm(names, desc=f"lowbit {method}", unit="layer", disable=not progress):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, attr)
         collector = collectors.pop(name, None)  # its statistic may be large (xtx): drop it with the layer
         layer_options = {**options, **collector.options()} if collector is not None else options
-        setattr(parent, attr, family.module.from_linear(linear, **layer_options))
+        layer = family.module.from_linear(linear, **layer_options)
+        old_bytes, new_bytes = module_bytes(linear), module_bytes(layer)
+        before, after = before + old_bytes, after + new_bytes
+        if new_bytes > old_bytes:
+            grown.append(name)
+        setattr(parent, attr, layer)
+        del layer
         # The parent held the last reference the model had to the original; dropping ours frees
         # it now rather than when the next layer's lookup rebinds the name.
         del linear, collector, layer_options
+    if after > before:
+        warnings.warn(f"quantize(method={method!r}) made the model larger: its {len(names)} converted layers take "
+                      f"{after / 1e6:.2f} MB, the originals took {before / 1e6:.2f} MB ({len(grown)} layers grew, e.g. "
+                      f"{', '.join(grown[:3])}); leave such layers out with filter_fn", stacklevel=2)
     return model
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (persistent or not), each storage counted once."""
+    seen, total = set(), 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type == "meta":
+            total += t.numel() * t.element_size()
+            continue
+        key = (t.device, t.untyped_storage().data_ptr())
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 def _check_options(family: registry.Family, options: dict) -> None:

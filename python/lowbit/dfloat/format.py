@@ -207,29 +207,81 @@ def entropy_bound(t: torch.Tensor) -> dict[str, float]:
     return {"symbol": entropy(symbols) + 8 * raw_bytes, "exponent": entropy(exponent) + (width - exp_bits)}
 
 
+# The container of ``compress_state_dict`` / ``lowbit compress`` (docs/formats.md, "dfloat files").
+# Version 2 keeps every key in lowbit's own namespace: "tensor:<name>" for a tensor kept as it is,
+# "dfloat:<part>:<name>" for a part of a compressed one. Part names hold no ":", so a key names
+# exactly one (kind, part, name) and no tensor name can collide with another tensor's parts.
+# Version 1 wrote "<name>.<part>" and "<name>" side by side, so that tensors "a" and "a.raw"
+# collided; it is still read.
+CONTAINER_VERSION = 2
+_KEPT, _PART = "tensor:", "dfloat:"
+
+
 def compress_state_dict(state_dict: dict[str, torch.Tensor], *, progress: bool = True,
                         min_numel: int = 1024) -> dict[str, torch.Tensor]:
-    """Every float tensor of at least ``min_numel`` elements -> its stored form under
-    ``name + "."``; other tensors are kept as they are under ``name``. A progress bar counts weights."""
+    """Every float tensor of at least ``min_numel`` elements -> its stored form, under
+    ``"dfloat:<part>:<name>"``; other tensors are kept as they are, under ``"tensor:<name>"``
+    (container version 2, see ``CONTAINER_VERSION``). A progress bar counts weights."""
     from tqdm.auto import tqdm
 
+    for name, t in state_dict.items():
+        if not isinstance(name, str):
+            raise TypeError(f"state_dict's keys must be strings, got {type(name).__name__} {name!r}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict[{name!r}] must be a tensor, got {type(t).__name__}")
     out: dict[str, torch.Tensor] = {}
     total = sum(t.numel() for t in state_dict.values())
     with tqdm(total=total, unit="w", unit_scale=True, desc="dfloat compress", disable=not progress) as bar:
         for name, t in state_dict.items():
             if t.dtype in DTYPE_CODES and t.numel() >= min_numel:
-                out.update(compress(t).to_dict(prefix=name + "."))
+                for part, value in compress(t).to_dict().items():
+                    out[f"{_PART}{part}:{name}"] = value
             else:
-                out[name] = t
+                out[_KEPT + name] = t
             bar.update(t.numel())
     return out
 
 
+def container_version(stored: dict) -> int:
+    """2 when every key is in version 2's namespace, else 1 (the older ``<name>.<part>`` keys)."""
+    return 2 if stored and all(k.startswith((_KEPT, _PART)) for k in stored) else 1
+
+
+def stored_tensors(stored: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Split a container into (name -> the parts of its compressed form, name -> kept tensor).
+    Refuses with FormatError a key of version 2's namespace that names no known part, and a name
+    both kept and compressed."""
+    compressed: dict[str, dict[str, torch.Tensor]] = {}
+    kept: dict[str, torch.Tensor] = {}
+    if container_version(stored) == 2:
+        for key, t in stored.items():
+            if key.startswith(_KEPT):
+                kept[key[len(_KEPT):]] = t
+                continue
+            part, sep, name = key[len(_PART):].partition(":")
+            if not sep or part not in ("header",) + STREAM:
+                raise FormatError(f"key {key!r} is not a dfloat part (dfloat:<part>:<name>, part one of "
+                                  f"{', '.join(('header',) + STREAM)})")
+            compressed.setdefault(name, {})[part] = t
+    else:
+        names = [key[: -len(".header")] for key in stored if key.endswith(".header")]
+        parts = {f"{name}.{part}" for name in names for part in ("header",) + STREAM}
+        kept = {key: t for key, t in stored.items() if key not in parts}
+        compressed = {name: {part: stored[f"{name}.{part}"] for part in ("header",) + STREAM
+                             if f"{name}.{part}" in stored} for name in names}
+    both = sorted(set(kept) & set(compressed))
+    if both:
+        raise FormatError(f"{both[0]!r} is stored both as a kept tensor and compressed: not a file lowbit wrote")
+    return compressed, kept
+
+
 def decompress_state_dict(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of ``compress_state_dict``: the original tensors, bit for bit."""
-    names = [key[: -len(".header")] for key in stored if key.endswith(".header")]
-    parts = {f"{name}.{part}" for name in names for part in ("header",) + STREAM}
-    out = {key: t for key, t in stored.items() if key not in parts}
-    for name in names:
-        out[name] = DFloatTensor.from_dict(stored, prefix=name + ".").decompress()
+    """Inverse of ``compress_state_dict``: the original tensors, bit for bit (either container
+    version). Refuses corrupted parts with FormatError naming the tensor."""
+    compressed, out = stored_tensors(stored)
+    for name, parts in compressed.items():
+        try:
+            out[name] = DFloatTensor.from_dict(parts).decompress()
+        except FormatError as exc:
+            raise FormatError(f"tensor {name!r}: {exc}") from None
     return out

@@ -192,7 +192,8 @@ def decode_symbols(codes, gaps, block_starts, table, n, total_bits, window_bits,
     its end. Window j's symbols land after those of the windows before it (a prefix sum of counts)."""
     windows = -(-total_bits // window_bits)
     gaps = unpack_bits(gaps, 4, windows).to(torch.int64)
-    pos = torch.arange(windows, dtype=torch.int64) * window_bits + gaps
+    starts = torch.arange(windows, dtype=torch.int64) * window_bits + gaps
+    pos = starts.clone()
     end = torch.clamp(torch.arange(1, windows + 1, dtype=torch.int64) * window_bits, max=total_bits)
     found = [[] for _ in range(windows)]
     active = pos < end
@@ -205,6 +206,13 @@ def decode_symbols(codes, gaps, block_starts, table, n, total_bits, window_bits,
             found[j].append(s)
         pos[active] += length
         active = pos < end
+    # A sound stream chains: each window's last code ends where the next window's first code starts
+    # (its gap says where), the last one at total_bits. The CPU decoder checks this at block
+    # boundaries, the GPU decoders at every window; the spec checks it everywhere, so that a wrong
+    # gap is an error here too, never wrong bytes.
+    if windows and (not torch.equal(pos[:-1], starts[1:]) or int(pos[-1]) != total_bits):
+        raise FormatError("corrupted dfloat stream: a window's codes do not end where the next window's gap says "
+                          "its first code starts")
     symbols = torch.tensor([s for window in found for s in window], dtype=torch.uint8)
     if symbols.numel() != n:
         raise FormatError(f"corrupted dfloat stream: it holds {symbols.numel()} codes, expected {n}")
