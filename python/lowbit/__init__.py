@@ -8,11 +8,14 @@ from lowbit import backend, ops, registry
 from lowbit import dfloat, files, int8, nn
 from lowbit import quantization
 from lowbit.quantization import quantize
+from lowbit import checkpoint
+from lowbit.checkpoint import load, save
 from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "dfloat", "files", "int8", "nn", "ops", "quantization",
-    "quantize", "registry", "__version__",
+    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "checkpoint", "dfloat", "files", "int8", "load",
+    "nn", "ops", "quantization",
+    "quantize", "registry", "save", "__version__",
 ]
