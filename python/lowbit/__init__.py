@@ -11,6 +11,9 @@ from lowbit.quantization import quantize
 from lowbit import checkpoint
 from lowbit.checkpoint import load, save
 from lowbit.errors import BackendUnavailableError, FormatError, LowbitError
+from lowbit import integrations
+
+integrations.install()
 
 __version__ = "0.1.0"
 

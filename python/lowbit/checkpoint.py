@@ -197,6 +197,29 @@ def _read_json(path: Path) -> dict:
         raise FormatError(f"{path}: not valid JSON ({exc})") from None
 
 
+def read_config(folder: Path) -> tuple[dict, str]:
+    """(checkpoint config, the file it came from): ``lowbit.json``, else the ``quantization_config``
+    of a transformers config.json that ``save_pretrained`` wrote for a lowbit model."""
+    if (folder / CONFIG_NAME).exists():
+        return _read_json(folder / CONFIG_NAME), str(folder / CONFIG_NAME)
+    hf = folder / "config.json"
+    quantization = _read_json(hf).get("quantization_config") if hf.exists() else None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "lowbit":
+        raise FormatError(f"{folder} is not a lowbit checkpoint: it has no {CONFIG_NAME} and no config.json whose "
+                          "quantization_config is lowbit's")
+    return {k: v for k, v in quantization.items() if k != "quant_method"}, f"{hf} (quantization_config)"
+
+
+def tied_linear(model: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module``'s weight shares memory with another parameter of ``model`` (a tied output layer)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.device.type == "meta":
+        return False
+    ptr = weight.untyped_storage().data_ptr()
+    return sum(p.untyped_storage().data_ptr() == ptr for _, p in model.named_parameters(remove_duplicate=False)
+               if p.device.type != "meta") > 1
+
+
 def _transformers_skeleton(folder: Path, dtype) -> nn.Module:
     if not (folder / "config.json").exists():
         raise LowbitError(f"{folder} holds no transformers config.json, so lowbit cannot build the model: pass "
@@ -266,8 +289,8 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, device=None
     folder = Path(path)
     if not folder.is_dir():
         raise LowbitError(f"path {folder} is not a folder")
-    config = _read_json(folder / CONFIG_NAME)
-    check_config(config, str(folder / CONFIG_NAME))
+    config, where_config = read_config(folder)
+    check_config(config, where_config)
     if model is None:
         model = _transformers_skeleton(folder, dtype)
     elif not isinstance(model, nn.Module):
@@ -319,13 +342,9 @@ def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], where: dict[str, s
             raise FormatError(f"{', '.join(files_)}: layer {fqn!r}: {message}") from None
     rest = {k: t for k, t in tensors.items() if k not in used}
     result = model.load_state_dict(rest, strict=False, assign=True)
-    missing = [k for k in result.missing_keys
-               if k not in tied and not any(k.startswith(f + ".") for f in lowbit_layers)]
     if result.unexpected_keys:
         key = result.unexpected_keys[0]
         raise FormatError(f"{where.get(key, 'the checkpoint')}: tensor {key!r} belongs to no part of the model")
-    if missing:
-        raise FormatError(f"the checkpoint has no tensor {missing[0]!r} ({len(missing)} missing)")
     for name, source in tied.items():
         owner_name, _, attr = name.rpartition(".")
         src_owner, _, src_attr = source.rpartition(".")
@@ -335,6 +354,8 @@ def _fill(model: nn.Module, tensors: dict[str, torch.Tensor], where: dict[str, s
             owner._parameters[attr] = value
         else:
             owner._buffers[attr] = value
+    if not tied and callable(getattr(model, "tie_weights", None)):
+        model.tie_weights()  # save_pretrained drops tied tensors without saying which: transformers re-ties
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise FormatError(f"the checkpoint has no tensor for {left[0]!r} ({len(left)} left unloaded)")

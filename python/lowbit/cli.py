@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import lowbit
+import lowbit.files
 from lowbit import _native
 from lowbit.demo import bitpack
 
@@ -77,14 +78,47 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The foundation's section (bit packing), then each registered family's, in registration order."""
+    """The kernel checks (bit packing, then each registered family's section, in registration
+    order), then the main job: SmolLM2 compressed by every family, saved, reloaded and measured."""
     device = _device(args.device)
     cmd_info(args)
     sections = [("bit packing", bitpack)] + [(f.name, f.demo) for f in lowbit.registry.families() if f.demo]
     failed = [name for name, run in sections if not run(device)]
     print("\nall backends agree with the reference" if not failed else
           f"\nMISMATCH: a backend disagrees with the reference (in {', '.join(failed)})")
+    if not args.no_model:
+        from lowbit import model_demo
+
+        if not model_demo.run(quick=args.quick, plot_path=args.plot, progress=not args.quiet):
+            failed.append("model")
     return 0 if not failed else 1
+
+
+def cmd_eval(args) -> int:
+    """Perplexity, speed, size and memory of a model, dense or compressed, one method or several."""
+    from lowbit import evaluation
+
+    methods = [m.strip() for m in args.compare.split(",") if m.strip()] if args.compare else [args.method]
+    known = ["none"] + [f.name for f in lowbit.registry.families()]
+    for method in methods:
+        if method not in known:
+            raise ValueError(f"--method / --compare must name {', '.join(known)}, got {method!r}")
+    results = []
+    for method in methods:
+        print(f"lowbit eval: {args.model}, method {method}", file=sys.stderr, flush=True)
+        results.append(evaluation.run_method(args.model, method, tokens=args.tokens, window=args.window,
+                                             new_tokens=args.new_tokens, progress=not args.quiet))
+    doc = {"model": args.model, "tokens": args.tokens, "window": args.window, "text": "pydoc_data.topics",
+           "torch_threads": torch.get_num_threads(), "cpu": lowbit.evaluation.cpu_facts(),
+           "results": [r.to_dict() for r in results]}
+    if args.json == "-":
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(evaluation.table(results))
+    if args.json:
+        written = lowbit.files.write_text(args.json, json.dumps(doc, indent=1), what="--json")
+        print(f"results: {written}")
+    return 0
 
 
 def _bench_dir(path: str | None) -> Path:
@@ -205,6 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_bench.add_argument("--path", help="benchmark folder (default: bench/ of the source checkout)")
     p_bench.add_argument("--out", help="results JSON path (default: bench/results/<date>_<device>.json)")
     p_bench.add_argument("--quick", action="store_true", help="small shapes, few rounds")
+    p_demo.add_argument("--quick", action="store_true", help="a shorter model run (1024 tokens, fewer steps)")
+    p_demo.add_argument("--no-model", action="store_true", help="only the kernel checks, not the SmolLM2 run")
+    p_demo.add_argument("--plot", default="lowbit-demo.png", help="where the perplexity/size plot goes")
+    p_demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_eval = sub.add_parser("eval", help="perplexity, speed, size and memory of a model, dense or compressed")
+    p_eval.add_argument("model", help=f"'smollm2' (the packaged SmolLM2-135M-Instruct), a lowbit or "
+                                      f"transformers folder, or a .gguf file")
+    p_eval.add_argument("--method", default="none", help="none (dense) or a family: dfloat, int8, ...")
+    p_eval.add_argument("--compare", help="several methods side by side in one process, e.g. none,dfloat,int8")
+    p_eval.add_argument("--tokens", type=int, default=4096, help="tokens of text for the perplexity (default 4096)")
+    p_eval.add_argument("--window", type=int, default=1024, help="tokens per perplexity window (default 1024)")
+    p_eval.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated to time decoding")
+    p_eval.add_argument("--json", help="write the results as JSON to this path ('-': print JSON instead of the table)")
+    p_eval.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_eval.set_defaults(func=cmd_eval)
     p_demo.set_defaults(func=cmd_demo)
     p_info.set_defaults(func=cmd_info)
     p_bench.set_defaults(func=cmd_bench, passes_unknown=True)

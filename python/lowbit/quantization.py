@@ -175,6 +175,13 @@ def quantize(model: nn.Module, method: str, *, filter_fn: Callable[[nn.Module, s
         # The parent held the last reference the model had to the original; dropping ours frees
         # it now rather than when the next layer's lookup rebinds the name.
         del linear, collector, layer_options
+    hf_config = getattr(model, "config", None)
+    if names and hasattr(hf_config, "to_json_string"):
+        # A transformers model: save_pretrained then writes a checkpoint from_pretrained and
+        # lowbit.load read (quant_method "lowbit", each layer's config).
+        from lowbit import checkpoint
+
+        hf_config.quantization_config = checkpoint.quantization_config(checkpoint.checkpoint_config(model))
     if after > before:
         warnings.warn(f"quantize(method={method!r}) made the model larger: its {len(names)} converted layers take "
                       f"{after / 1e6:.2f} MB, the originals took {before / 1e6:.2f} MB ({len(grown)} layers grew, e.g. "
