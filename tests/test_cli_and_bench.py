@@ -17,11 +17,42 @@ def _lowbit(*args, env=None, timeout=600):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def test_demo_checks_every_backend_against_the_reference():
-    result = _lowbit("demo")
+def test_demo_checks_every_backend_and_runs_the_real_model(tmp_path):
+    plot = tmp_path / "demo.png"
+    result = _lowbit("demo", "--quick", "--quiet", "--plot", str(plot))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all backends agree with the reference" in result.stdout
     assert "reference" in result.stdout and "triton" in result.stdout  # conftest sets TRITON_INTERPRET
+    assert result.stdout.strip().splitlines()[-1] in ("demo: every check passed", "all backends agree with the reference")
+    if "model: skipped" in result.stdout:
+        pytest.skip("SmolLM2 is not installed here")
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()
+            if line.split() and line.split()[0] in ("none", "dfloat", "int8")}
+    assert set(rows) == {"none", "dfloat", "int8"}
+    assert rows["dfloat"][3] == rows["none"][3]  # lossless: the same perplexity, to every printed digit
+    assert float(rows["int8"][2]) < 0.45 * float(rows["none"][2])  # MB
+    assert "dfloat: kept its promise" in result.stdout and "int8: kept its promise" in result.stdout
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_compares_methods_in_one_process_and_writes_json(tmp_path):
+    pytest.importorskip("gguf")
+    out = tmp_path / "eval.json"
+    result = _lowbit("eval", "smollm2", "--compare", "none,int8", "--tokens", "300", "--window", "150",
+                     "--new-tokens", "4", "--json", str(out), "--quiet")
+    if "SmolLM2 is not installed" in result.stderr:
+        pytest.skip("SmolLM2 is not installed here")
+    assert result.returncode == 0, result.stdout + result.stderr
+    doc = json.loads(out.read_text())
+    assert [r["method"] for r in doc["results"]] == ["none", "int8"] and doc["tokens"] == 300
+    none, int8 = doc["results"]
+    assert none["bits_per_weight"] == 32.0 and 8.0 < int8["bits_per_weight"] < 8.5
+    assert 1 < none["perplexity"] < 100 and abs(int8["perplexity"] / none["perplexity"] - 1) < 0.1
+    for r in (none, int8):
+        assert r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 and r["peak_mb"] > r["model_mb"] > 0 and r["sample"]
+    assert doc["cpu"]["isa"] is not None and "Δppl" in result.stdout
+    bad = _lowbit("eval", "smollm2", "--method", "int4")
+    assert bad.returncode == 1 and "--method / --compare must name" in bad.stderr
 
 
 def test_info_lists_every_backend():

@@ -89,8 +89,10 @@ def cmd_demo(args) -> int:
     if not args.no_model:
         from lowbit import model_demo
 
-        if not model_demo.run(quick=args.quick, plot_path=args.plot, progress=not args.quiet):
+        model_ok = model_demo.run(quick=args.quick, plot_path=args.plot, progress=not args.quiet)
+        if not model_ok:
             failed.append("model")
+        print("\ndemo: every check passed" if not failed else f"\ndemo: FAILED ({', '.join(failed)})")
     return 0 if not failed else 1
 
 

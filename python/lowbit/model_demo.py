@@ -29,16 +29,22 @@ def run(*, quick: bool = False, plot_path: str = "lowbit-demo.png", progress: bo
           f"ratios and int8 error on it are not those of a bf16 checkpoint), perplexity over {tokens} tokens of "
           f"pydoc_data.topics; {facts['name']}, {facts['threads']} threads, ISA {' '.join(facts['isa']) or '?'}")
     methods = ["none"] + [f.name for f in lowbit.registry.families()]
-    results = []
+    results, broken = [], []
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as folder:
         for method in methods:
             print(f"  {method}: {'loading' if method == 'none' else 'quantizing, saving, reloading'}, measuring...",
                   flush=True)
             save_to = None if method == "none" else f"{folder}/{method}"
-            results.append(evaluation.run_method(evaluation.MODEL, method, tokens=tokens, new_tokens=new_tokens,
-                                                 save_to=save_to, progress=progress))
+            try:
+                results.append(evaluation.run_method(evaluation.MODEL, method, tokens=tokens,
+                                                     new_tokens=new_tokens, save_to=save_to, progress=progress))
+            except Exception as exc:  # one family's failure is reported; the others still run
+                if method == "none":
+                    raise
+                print(f"  {method}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+                broken.append(method)
     print(evaluation.table(results))
-    ok = True
+    ok = not broken
     dense = results[0].perplexity
     for r in results[1:]:
         lossless = r.method == "dfloat"
