@@ -196,12 +196,16 @@ def _gemm_paths():
 # split across tasks (few panels); (6, 16, 8): one full 6-row tile; (9, 4133, 70): the packed kernel's
 # 32-step transposes and their tail; (8, 37, 7) and (1, 97, 17): the few-rows kernel (<= 8 rows), its
 # 16-feature steps and tail.
+# AMX: (33, 4097, 129) a 16-row tail block, a 1-feature K tail, a 1-column panel; (64, 1100, 96) whole
+# 32 x 32 blocks stored straight into acc after three K chunks; (70, 2048, 1030) three blocks of panels
+# (tasks), the last panel 6 columns wide; (1, 97, 17) one row padded to a tile.
 @pytest.mark.parametrize("shape", [(9, 80, 11), (1, 97, 17), (33, 4097, 129), (4, 1, 3), (7, 2, 9), (6, 16, 8),
-                                   (13, 8195, 21), (40, 64, 20), (9, 4133, 70), (8, 37, 7)], ids=param_id)
+                                   (13, 8195, 21), (40, 64, 20), (9, 4133, 70), (8, 37, 7), (64, 1100, 96),
+                                   (70, 2048, 1030)], ids=param_id)
 @pytest.mark.parametrize("worst", [False, True], ids=["random", "all127"])
 def test_cpu_gemm_paths_are_exact_and_repack_a_modified_weight(worst, shape):
-    """Every CPU GEMM path this host runs (oneDNN where exact here, lowbit's AVX2 kernel,
-    torch._int_mm) gives the exact product, also for the all-127 worst case that saturates int16
+    """Every CPU GEMM path this host runs (lowbit's AMX kernel, oneDNN where exact here, lowbit's
+    AVX2 kernel, torch._int_mm) gives the exact product, also for the all-127 worst case that saturates int16
     pair sums in oneDNN on AVX2 hosts without VNNI; a weight changed in place is packed again."""
     skip_unless_available("cpu", "cpu")
     m, k, n = shape
@@ -214,21 +218,30 @@ def test_cpu_gemm_paths_are_exact_and_repack_a_modified_weight(worst, shape):
         w[(n + 1) // 2:] = -127
     paths = _gemm_paths()
     assert "int_mm" in paths and ("avx2" in paths) == _host_isas()["avx2"]
+    assert "amx" not in paths or _host_isas()["amx"]
+    def check(path):
+        got, want = torch.ops.lowbit._int8_gemm(xq, w, path).double(), xq.double() @ w.double().T
+        if got.dtype == torch.float64 and torch.ops.lowbit._int8_gemm(xq[:1], w, path).dtype == torch.float32:
+            # oneDNN returns fp32 (u8 inputs with a zero point, compensated in fp32): exact below 2^24,
+            # within an fp32 rounding or two above
+            assert ((got - want).abs() <= want.abs() * 2**-22).all(), path
+        else:
+            assert torch.equal(got, want), path
+
     for path in ["auto", *paths]:
-        want = xq.double() @ w.double().T
-        assert torch.equal(torch.ops.lowbit._int8_gemm(xq, w, path).double(), want), path
+        check(path)
         w[0, 0] = -w[0, 0] - 1 if w[0, 0] != 127 else 5  # in place: the packed copy must not be reused
-        assert torch.equal(torch.ops.lowbit._int8_gemm(xq, w, path).double(), xq.double() @ w.double().T), path
+        check(path)
 
 
 def test_cpu_gemm_refuses_an_unknown_path():
     skip_unless_available("cpu", "cpu")
     x = torch.zeros(1, 32, dtype=torch.int8)
-    with pytest.raises(ValueError, match="path must be one of auto, onednn, avx2, int_mm"):
+    with pytest.raises(ValueError, match="path must be one of auto, amx, onednn, avx2, int_mm"):
         torch.ops.lowbit._int8_gemm(x, x, "fast")
 
 
-@pytest.mark.parametrize("path", ["int_mm", "avx2", "onednn"])
+@pytest.mark.parametrize("path", ["int_mm", "avx2", "onednn", "amx"])
 def test_int8_linear_on_every_forced_gemm_path(path):
     """Int8Linear's CPU kernel on each GEMM path, forced through LOWBIT_CPU_INT8_GEMM in a fresh
     process (the choice is read once), against the reference within the fp32 tolerance."""
@@ -259,7 +272,30 @@ def test_int8_linear_on_every_forced_gemm_path(path):
 def _host_isas() -> dict:
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
     avx2 = {"avx2", "fma", "f16c"} <= flags
-    return {"generic": True, "avx2": avx2, "avx512": avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags}
+    avx512 = avx2 and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    return {"generic": True, "avx2": avx2, "avx512": avx512, "amx": avx512 and {"amx_tile", "amx_int8"} <= flags}
+
+
+def test_cpu_rule_takes_the_gemm_from_one_row_where_it_runs_on_amx():
+    """Where the CPU int8 GEMM runs on AMX, Int8Linear multiplies even a single row with it (the
+    decomposed product), else one row takes the weight-only product; either equals its reference."""
+    skip_unless_available("cpu", "cpu")
+    from lowbit import _C
+    from lowbit.int8.linear import cpu_gemv_max_rows
+    from lowbit.reference import int8 as ref
+
+    amx = _C.cpu_int8_gemm_path() == "amx"
+    assert cpu_gemv_max_rows() == (0 if amx else 1)
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(300, 70).bfloat16()
+    m = lowbit.nn.Int8Linear.from_linear(lin)
+    assert m._gemv_rows == cpu_gemv_max_rows()
+    x = (torch.randn(1, 300, generator=g) * 2).bfloat16()
+    x[0, 11] = 30.0
+    args = (m.weight, m.weight_scale, m.static_mask, m.static_idx, m.static_weight, m.bias, 6.0)
+    want = ref.linear(x, *args) if amx else ref.gemv(x, m.weight, m.weight_scale, m.static_idx, m.static_weight, m.bias)
+    got = m(x)
+    assert (got.float() - want.float()).abs().max() <= 4 * 2**-8 * want.float().abs().max()
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])

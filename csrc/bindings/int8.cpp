@@ -99,10 +99,10 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_sca
 // oneDNN's int8 kernels (onednn::qlinear_pointwise) with the weight packed once per weight tensor:
 // at::_int_mm repacks the weight at every call, which costs more than the product for small
 // batches. oneDNN wants unsigned activations, so xq goes in as xq + 128 (its sign bit flipped) with
-// a zero point of 128, and it returns the exact int32 accumulator rounded once to fp32, which is
-// what the epilogue would make of it. Some hosts' oneDNN kernels (AVX2 without VNNI) sum pairs of
-// u8 x s8 products in saturating int16, which is wrong for large values: a first call checks an
-// all-127 worst case (and a random case) against at::_int_mm, and only an exact oneDNN is used.
+// a zero point of 128, and it returns the accumulator in fp32 (exact below 2^24, within an fp32
+// rounding or two above: the zero point is compensated in fp32), which the epilogue converts anyway.
+// Some hosts' oneDNN kernels (AVX2 without VNNI) sum pairs of u8 x s8 products in saturating
+// int16, which is wrong for large values: a first call checks an all-127 worst case (and a random case) against at::_int_mm, and only an exact oneDNN is used.
 
 const c10::OperatorHandle* find_op(const char* name) {
   const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
@@ -201,19 +201,21 @@ using PackedWeights = PerWeight<at::Tensor>;
 // The paths of the CPU int8 GEMM, all exact: oneDNN (where it passed the worst-case check, with the
 // weight packed once per weight tensor: a second copy), lowbit's AVX2 kernel (csrc/cpu/int8_gemm.cpp,
 // packs blocks of the row-major weight as it goes: no copy kept), torch._int_mm.
-enum class GemmPath { kAuto, kOneDnn, kAvx2, kIntMm };
+enum class GemmPath { kAuto, kAmx, kOneDnn, kAvx2, kIntMm };
 
 GemmPath parse_path(const std::string& path) {
   if (path == "auto") return GemmPath::kAuto;
+  if (path == "amx") return GemmPath::kAmx;
   if (path == "onednn") return GemmPath::kOneDnn;
   if (path == "avx2") return GemmPath::kAvx2;
   if (path == "int_mm") return GemmPath::kIntMm;
-  TORCH_CHECK_VALUE(false, "path must be one of auto, onednn, avx2, int_mm, got '", path, "'");
+  TORCH_CHECK_VALUE(false, "path must be one of auto, amx, onednn, avx2, int_mm, got '", path, "'");
   return GemmPath::kAuto;
 }
 
-// The path auto takes: oneDNN where it is exact here (VNNI, AMX: it is also the fastest), else
-// lowbit's AVX2 kernel, else torch._int_mm. LOWBIT_CPU_INT8_GEMM forces one (for tests and
+// The path auto takes: lowbit's AMX kernel where the CPU has AMX int8 (faster than oneDNN's at every
+// batch size, measured), else oneDNN where it is exact here (VNNI), else lowbit's AVX2 kernel, else
+// torch._int_mm. LOWBIT_CPU_INT8_GEMM forces one (for tests and
 // comparisons); an unavailable one raises at the first call.
 GemmPath auto_path(int64_t K) {
   static const GemmPath forced = [] {
@@ -221,6 +223,7 @@ GemmPath auto_path(int64_t K) {
     return env && *env ? parse_path(env) : GemmPath::kAuto;
   }();
   if (forced != GemmPath::kAuto) return forced;
+  if (cpu::int8::amx_available()) return GemmPath::kAmx;
   if (K >= kOneDnnMinK && onednn_if_exact() != nullptr) return GemmPath::kOneDnn;
   if (cpu::int8::avx2_available()) return GemmPath::kAvx2;
   return GemmPath::kIntMm;
@@ -232,6 +235,19 @@ at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath pa
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, xq.options().dtype(at::kInt));
   if (path == GemmPath::kAuto) path = auto_path(K);
   switch (path) {
+    case GemmPath::kAmx: {
+      TORCH_CHECK_VALUE(cpu::int8::amx_available(), "this CPU (or its OS) offers no AMX int8: the amx int8 GEMM "
+                        "cannot run");
+      static PackedWeights packed;
+      const at::Tensor w = packed.get(weight, [](const at::Tensor& w) {
+        at::Tensor out = at::empty({cpu::int8::amx_packed_bytes(w.size(0), w.size(1))}, w.options());
+        cpu::int8::amx_pack(w.const_data_ptr<int8_t>(), w.size(0), w.size(1), out.data_ptr<int8_t>());
+        return out;
+      });
+      at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
+      cpu::int8::gemm_amx(xq.const_data_ptr<int8_t>(), M, K, w.const_data_ptr<int8_t>(), N, acc.data_ptr<int32_t>());
+      return acc;
+    }
     case GemmPath::kOneDnn: {
       const OneDnn* dnn = onednn_if_exact();
       TORCH_CHECK_VALUE(dnn != nullptr, "the oneDNN int8 GEMM is missing or not exact on this host");
@@ -246,6 +262,9 @@ at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath pa
       return acc;
     }
     default:
+      // torch._int_mm runs oneDNN where it has it, which returns garbage for K = 1 on some hosts
+      // (seen with AMX): so few features are summed in int32 by at::mm instead.
+      if (K < kOneDnnMinK) return at::mm(xq.to(at::kInt), weight.to(at::kInt).t());
       return at::_int_mm(xq, weight.t());
   }
 }
@@ -316,6 +335,15 @@ at::Tensor int8_gemv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
 }
 
 }  // namespace
+
+std::string cpu_int8_gemm_path() {
+  switch (auto_path(kOneDnnMinK)) {
+    case GemmPath::kAmx: return "amx";
+    case GemmPath::kOneDnn: return "onednn";
+    case GemmPath::kAvx2: return "avx2";
+    default: return "int_mm";
+  }
+}
 
 TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
   m.impl("int8_prepass", &int8_prepass_cpu);

@@ -7,6 +7,7 @@
 #include "bindings/common.h"
 
 #include <optional>
+#include <string>
 
 namespace lowbit::int8_checks {
 
@@ -128,3 +129,10 @@ inline void check_epilogue(const at::Tensor& acc, const at::Tensor& row_scale, c
 }
 
 }  // namespace lowbit::int8_checks
+
+namespace lowbit {
+// The path the CPU int8 GEMM takes on this host ("amx", "onednn", "avx2" or "int_mm"): what
+// Int8Linear's CPU rule (lowbit/int8/linear.py) reads. Defined in bindings/int8.cpp.
+std::string cpu_int8_gemm_path();
+}  // namespace lowbit
+

@@ -32,4 +32,23 @@ void gemm_avx2(const int8_t* xq, int64_t M, int64_t K, const int8_t* w, int64_t 
 // lanes and the last K % 8 terms. Needs avx2_available() (and FMA); OpenMP over output columns.
 void dots_avx2(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t N, float* out);
 
+// ---- AMX (int8_amx.cpp) ----
+// The packed weight of the AMX GEMM: panels of kAmxPanel output columns; each step of kAmxStep
+// input features holds two 16 x 64-byte B tiles (the panel's columns 0-15, then 16-31), a tile row
+// r holding features 4r..4r+3 of its 16 columns:
+//   packed[((p * steps + s) * 2 + t) * 1024 + r * 64 + c * 4 + j] = w[p * 32 + t * 16 + c, s * 64 + 4 * r + j]
+// (0 outside w), steps = ceil(K / 64): amx_packed_bytes(N, K) bytes in all.
+constexpr int64_t kAmxPanel = 32;
+constexpr int64_t kAmxStep = 64;
+int64_t amx_packed_bytes(int64_t N, int64_t K);
+void amx_pack(const int8_t* w, int64_t N, int64_t K, int8_t* packed);
+
+// Whether the AMX GEMM runs: the CPU has AMX-TILE and AMX-INT8, Linux grants this process the tile
+// state, and cpu_isa() is AVX-512 (LOWBIT_CPU_ISA=avx2 turns it off with the rest).
+bool amx_available();
+
+// acc [M, N] (row-major int32) = xq [M, K] @ w [N, K]^T, w given as amx_pack made it. Exact (int8 x
+// int8 products summed in int32). Needs amx_available(); OpenMP over blocks of panels and rows.
+void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int64_t N, int32_t* acc);
+
 }  // namespace lowbit::cpu::int8

@@ -183,7 +183,7 @@ def _reference_epilogue(acc, row_scale, weight_scale, dyn_x, dyn_w, x_static, st
     return y.to(x_static.dtype)
 
 
-GEMM_PATHS = ("auto", "onednn", "avx2", "int_mm")
+GEMM_PATHS = ("auto", "amx", "onednn", "avx2", "int_mm")
 
 
 def _fake_gemm(xq, weight, path):
