@@ -383,3 +383,44 @@ def test_cpu_matmul_follows_changing_outlier_columns():
         pre = ref.prepass(xc, mask, idx, 6.0)
         want = ref.matmul(xc, *pre, wq, ws, kept, b, 6.0)
         _close(ops.int8_matmul(xc, *pre, wq, ws, kept, b, 6.0, backend="cpu"), want, torch.float32)
+
+
+_FUSED_CASES = """
+import sys, torch
+from lowbit import ops
+from lowbit.reference import int8 as ref
+g = torch.Generator().manual_seed(7)
+out = []
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for rows, k, n, static in [(1, 300, 70, 0), (33, 4097, 129, 2), (64, 1100, 96, 0), (70, 2048, 1030, 3)]:
+        w = torch.randn(n, k, generator=g).to(dtype)
+        idx = torch.arange(static, dtype=torch.int32) * 5
+        wq, ws, kept = ref.quantize_weight(w, idx)
+        mask = ref.static_mask(idx, k, "cpu").to(torch.uint8)
+        x = torch.randn(rows, k, generator=g).to(dtype)
+        x[0, -1], x[-1, 3] = 40.0, -25.0  # outliers
+        b = torch.randn(n, generator=g).to(dtype)
+        out.append(ops.int8_linear(x, wq, ws, mask, idx, kept, b, 6.0, backend="cpu"))
+        out.append(ops.int8_linear(x, wq, ws, mask, idx, kept, None, 0.0, backend="cpu"))
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_amx_gemm_with_its_fused_epilogue_gives_the_bits_of_the_separate_one(tmp_path):
+    """Where the int8 GEMM runs on AMX, its epilogue runs on each block as the GEMM finishes it;
+    the outputs (outliers, static columns, bias, every dtype, odd shapes) equal bit for bit those
+    of the exact int32 accumulator (torch._int_mm) followed by the separate epilogue."""
+    skip_unless_available("cpu", "cpu")
+    if "amx" not in _gemm_paths():
+        pytest.skip("this host runs no AMX int8")
+    outputs = {}
+    for path in ("amx", "int_mm"):
+        file = tmp_path / f"{path}.pt"
+        env = {**os.environ, "LOWBIT_CPU_INT8_GEMM": path}
+        result = subprocess.run([sys.executable, "-c", _FUSED_CASES, str(file)], env=env, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        outputs[path] = torch.load(file)
+    assert len(outputs["amx"]) == 24
+    for fused, separate in zip(outputs["amx"], outputs["int_mm"]):
+        assert fused.dtype == separate.dtype and torch.equal(fused, separate)

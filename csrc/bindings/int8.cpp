@@ -229,6 +229,17 @@ GemmPath auto_path(int64_t K) {
   return GemmPath::kIntMm;
 }
 
+// The AMX GEMM's packed copy of weight (int8_gemm.h), made once per weight tensor.
+at::Tensor amx_weight(const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(cpu::int8::amx_available(), "this CPU (or its OS) offers no AMX int8: the amx int8 GEMM cannot run");
+  static PackedWeights packed;
+  return packed.get(weight, [](const at::Tensor& w) {
+    at::Tensor out = at::empty({cpu::int8::amx_packed_bytes(w.size(0), w.size(1))}, w.options());
+    cpu::int8::amx_pack(w.const_data_ptr<int8_t>(), w.size(0), w.size(1), out.data_ptr<int8_t>());
+    return out;
+  });
+}
+
 // xq int8 [M, K] @ weight int8 [N, K]^T -> the exact accumulator [M, N], int32 (fp32 from oneDNN).
 at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath path = GemmPath::kAuto) {
   const int64_t M = xq.size(0), K = xq.size(1), N = weight.size(0);
@@ -236,14 +247,7 @@ at::Tensor int8_gemm(const at::Tensor& xq, const at::Tensor& weight, GemmPath pa
   if (path == GemmPath::kAuto) path = auto_path(K);
   switch (path) {
     case GemmPath::kAmx: {
-      TORCH_CHECK_VALUE(cpu::int8::amx_available(), "this CPU (or its OS) offers no AMX int8: the amx int8 GEMM "
-                        "cannot run");
-      static PackedWeights packed;
-      const at::Tensor w = packed.get(weight, [](const at::Tensor& w) {
-        at::Tensor out = at::empty({cpu::int8::amx_packed_bytes(w.size(0), w.size(1))}, w.options());
-        cpu::int8::amx_pack(w.const_data_ptr<int8_t>(), w.size(0), w.size(1), out.data_ptr<int8_t>());
-        return out;
-      });
+      const at::Tensor w = amx_weight(weight);
       at::Tensor acc = at::empty({M, N}, xq.options().dtype(at::kInt));
       cpu::int8::gemm_amx(xq.const_data_ptr<int8_t>(), M, K, w.const_data_ptr<int8_t>(), N, acc.data_ptr<int32_t>());
       return acc;
@@ -288,14 +292,52 @@ std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> outlier_factors(
   return {at::where(dyn_x.abs() >= threshold, dyn_x, 0.0), dyn_w};
 }
 
+// int8_epilogue_cpu(int8_gemm(xq, weight), ...), with the epilogue fused into the GEMM where it runs
+// on AMX: each block of the accumulator is scaled and written out while it is in L1, so no [M, N]
+// int32 accumulator is written, read back, or allocated (a fresh one costs a page fault per 4 KB).
+at::Tensor gemm_epilogue(const at::Tensor& xq, const at::Tensor& weight, const at::Tensor& row_scale,
+                         const at::Tensor& weight_scale_in, const std::optional<at::Tensor>& dyn_x_in,
+                         const std::optional<at::Tensor>& dyn_w_in, const at::Tensor& x_static,
+                         const at::Tensor& static_weight, const std::optional<at::Tensor>& bias_in) {
+  const int64_t M = xq.size(0), K = xq.size(1), N = weight.size(0);
+  if (M == 0 || N == 0 || K == 0 || auto_path(K) != GemmPath::kAmx) {
+    return int8_epilogue_cpu(int8_gemm(xq, weight), row_scale, weight_scale_in, dyn_x_in, dyn_w_in, x_static,
+                             static_weight, bias_in);
+  }
+  const at::Tensor packed = amx_weight(weight);
+  at::Tensor y = at::empty({M, N}, x_static.options());
+  const at::Tensor dyn_x = dyn_x_in.has_value() ? dyn_x_in->contiguous() : at::Tensor();
+  const at::Tensor dyn_w = dyn_w_in.has_value() ? dyn_w_in->contiguous() : at::Tensor();
+  const bool has_static = x_static.size(1) > 0;
+  const at::Tensor stat_x = has_static ? x_static.to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor stat_w = has_static ? static_weight.to(at::kFloat).t().contiguous() : at::Tensor();
+  const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::zeros({N}, at::kFloat);
+  const cpu::int8::Side dyn{ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
+  const cpu::int8::Side stat{ptr_or_null<float>(stat_x), ptr_or_null<float>(stat_w), has_static ? stat_x.size(1) : 0};
+  const float* rs = row.const_data_ptr<float>();
+  const float* ws = weight_scale.const_data_ptr<float>();
+  const float* b = bias.const_data_ptr<float>();
+  dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    T* out = y.data_ptr<T>();
+    const cpu::int8::AmxBlockFn finish = [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, const int32_t* c,
+                                             int64_t ldc) {
+      cpu::int8::epilogue_block<T>(c, ldc, m0, rows, n0, cols, N, rs, ws, dyn, stat, b, out);
+    };
+    cpu::int8::gemm_amx(xq.const_data_ptr<int8_t>(), M, K, packed.const_data_ptr<int8_t>(), N, nullptr, &finish);
+  });
+  return y;
+}
+
 at::Tensor int8_matmul_cpu(const at::Tensor& x, const at::Tensor& xq, const at::Tensor& row_scale,
                            const at::Tensor& col_flags, const at::Tensor& x_static, const at::Tensor& weight,
                            const at::Tensor& weight_scale, const at::Tensor& static_weight,
                            const std::optional<at::Tensor>& bias, double threshold) {
   int8_checks::check_matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_weight, bias);
   const auto [dyn_x, dyn_w] = outlier_factors(x, col_flags, weight, static_cast<float>(threshold));
-  return int8_epilogue_cpu(int8_gemm(xq.contiguous(), weight.contiguous()), row_scale, weight_scale, dyn_x, dyn_w,
-                           x_static, static_weight, bias);
+  return gemm_epilogue(xq.contiguous(), weight.contiguous(), row_scale, weight_scale, dyn_x, dyn_w, x_static,
+                       static_weight, bias);
 }
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_scale,
@@ -304,8 +346,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const 
   int8_checks::check_weight(x, weight, weight_scale, static_weight, static_idx.size(0), bias);
   const auto [xq, row_scale, col_flags, x_static] = int8_prepass_cpu(x, static_mask, static_idx, threshold);
   const auto [dyn_x, dyn_w] = outlier_factors(x, col_flags, weight, static_cast<float>(threshold));
-  return int8_epilogue_cpu(int8_gemm(xq, weight.contiguous()), row_scale, weight_scale, dyn_x, dyn_w, x_static,
-                           static_weight, bias);
+  return gemm_epilogue(xq, weight.contiguous(), row_scale, weight_scale, dyn_x, dyn_w, x_static, static_weight,
+                       bias);
 }
 
 // lowbit::_int8_gemm(xq, weight, path): the GEMM alone, on a path (auto, onednn, avx2, int_mm).

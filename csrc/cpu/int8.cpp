@@ -86,6 +86,12 @@ void epilogue(const Acc* acc, int64_t M, int64_t N, const float* row_scale, cons
 }
 
 template <typename T>
+void epilogue_block(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N,
+                    const float* row_scale, const float* weight_scale, Side dyn, Side stat, const float* bias, T* y) {
+  LOWBIT_INT8_CALL(epilogue_block<T>, c, ldc, m0, rows, n0, cols, N, row_scale, weight_scale, dyn, stat, bias, y);
+}
+
+template <typename T>
 void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, const float* weight_scale,
           const float* extra, const T* bias, T* y) {
   // AVX2: the hand-vectorized kernel of int8_gemm.cpp (the compiler's build of int8_kernels.inc
@@ -121,7 +127,9 @@ void gemv(const T* x, int64_t M, int64_t K, const int8_t* weight, int64_t N, con
   template void epilogue<float, T>(const float*, int64_t, int64_t, const float*, const float*, Side, Side,       \
                                    const T*, T*);                                                                \
   template void gemv<T>(const T*, int64_t, int64_t, const int8_t*, int64_t, const float*, const float*, const T*, \
-                        T*);
+                        T*);                                                                                     \
+  template void epilogue_block<T>(const int32_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,          \
+                                  const float*, const float*, Side, Side, const float*, T*);
 LOWBIT_INT8_INSTANTIATE(float)
 LOWBIT_INT8_INSTANTIATE(c10::BFloat16)
 LOWBIT_INT8_INSTANTIATE(c10::Half)

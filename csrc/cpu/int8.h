@@ -26,6 +26,13 @@ template <typename Acc, typename T>
 void epilogue(const Acc* acc, int64_t M, int64_t N, const float* row_scale, const float* weight_scale, Side dyn,
               Side stat, const T* bias, T* y);
 
+// The epilogue above for one block of the accumulator: rows m0..m0+rows-1, columns n0..n0+cols-1
+// (cols <= 32), row r of the block at c + r * ldc; bias as fp32, never null (zeros when absent).
+// Gives the bits epilogue gives.
+template <typename T>
+void epilogue_block(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N,
+                    const float* row_scale, const float* weight_scale, Side dyn, Side stat, const float* bias, T* y);
+
 // Weight-only product: y[m, n] = weight_scale[n] * sum_k x[m, k] weight[n, k] (+ extra[m, n])
 // (+ bias[n]), fp32 accumulation. extra and bias may be null.
 template <typename T>

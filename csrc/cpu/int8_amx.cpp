@@ -111,11 +111,13 @@ void configure() {
 }
 
 // One block of 32 (or 16, `two` false) rows x 32 columns over `steps` steps of 64 features: x's
-// packed tiles at `a` (rows 0-15; rows 16-31 at `a + a1`), a step of each 1024 bytes on, the
+// packed tiles at `a` (per step 2048 bytes: rows 0-15, then rows 16-31), the
 // panel's packed steps at `b`, the accumulators at `c` (rows 32 int32 apart = 128 bytes), loaded
 // first unless `first`.
-inline void block(const int8_t* a, int64_t a1, const int8_t* b, int64_t steps, int32_t* c, bool first, bool two,
-                  int32_t* out, int64_t ldo) {
+inline void block(const int8_t* a, const int8_t* b, int64_t steps, int32_t* c, bool first, bool two,
+                  int32_t* out, int64_t ldo, const int8_t* pf, int64_t pf_lines) {
+  // Prefetch pf_lines cache lines at pf into L2 (the next chunk of x, a share per panel), a few per step.
+  const int64_t per_step = (pf_lines + steps - 1) / steps;
   if (first) {
     _tile_zero(0);
     _tile_zero(1);
@@ -131,18 +133,21 @@ inline void block(const int8_t* a, int64_t a1, const int8_t* b, int64_t steps, i
   }
   if (two) {
     for (int64_t s = 0; s < steps; ++s) {
-      _tile_loadd(4, a + s * 1024, 64);
+      for (int64_t l = s * per_step; l < std::min(pf_lines, (s + 1) * per_step); ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(pf + l * 64), _MM_HINT_T1);
+      }
+      _tile_loadd(4, a + s * 2048, 64);
       _tile_loadd(6, b + s * 2048, 64);
       _tile_dpbssd(0, 4, 6);
       _tile_loadd(7, b + s * 2048 + 1024, 64);
       _tile_dpbssd(1, 4, 7);
-      _tile_loadd(5, a + a1 + s * 1024, 64);
+      _tile_loadd(5, a + s * 2048 + 1024, 64);
       _tile_dpbssd(2, 5, 6);
       _tile_dpbssd(3, 5, 7);
     }
   } else {
     for (int64_t s = 0; s < steps; ++s) {
-      _tile_loadd(4, a + s * 1024, 64);
+      _tile_loadd(4, a + s * 2048, 64);
       _tile_loadd(6, b + s * 2048, 64);
       _tile_loadd(7, b + s * 2048 + 1024, 64);
       _tile_dpbssd(0, 4, 6);
@@ -173,28 +178,27 @@ bool amx_available() {
   return ok && cpu_isa() >= Isa::kAvx512;
 }
 
-void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int64_t N, int32_t* acc) {
+void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int64_t N, int32_t* acc,
+              const AmxBlockFn* finish) {
   const int64_t np = (N + kAmxPanel - 1) / kAmxPanel, ks = (K + kAmxStep - 1) / kAmxStep;
   const int64_t kp = ks * kAmxStep, mp = (M + 15) / 16 * 16;
-  // x in A tiles: for each 16 rows and step of 64 features, one 1 KB tile (rows 64 bytes apart),
-  // zero-padded. Tiles read straight from x (rows K bytes apart) are several times slower when K
-  // is a multiple of 4096: the 16 rows fall in the same L1 sets.
-  const int64_t mblocks = mp / 16;
+  // x in A tiles: for each 32 rows and step of 64 features, two 1 KB tiles (rows 0-15, 16-31; rows
+  // 64 bytes apart), zero-padded, so that a block's chunk of x is one contiguous run. Tiles read
+  // straight from x (rows K bytes apart) are several times slower when K is a multiple of 4096:
+  // the 16 rows fall in the same L1 sets.
+  const int64_t mp32 = (mp + 31) / 32 * 32;
   // Kept between calls (grown as needed): a fresh buffer costs a page fault per 4 KB.
   static thread_local std::vector<int8_t> tiles;
-  if (tiles.size() < static_cast<size_t>(mp * kp)) tiles.resize(static_cast<size_t>(mp * kp));
+  if (tiles.size() < static_cast<size_t>(mp32 * kp)) tiles.resize(static_cast<size_t>(mp32 * kp));
   int8_t* const tile_data = tiles.data();  // (a thread_local: OpenMP's threads must not name it)
 #pragma omp parallel for schedule(static)
-  for (int64_t rb = 0; rb < mblocks; ++rb) {
-    int8_t* out = tile_data + rb * 16 * kp;
-    for (int64_t r = 0; r < 16; ++r) {
-      const int64_t m = rb * 16 + r;
-      for (int64_t s = 0; s < ks; ++s) {
-        int8_t* dst = out + s * 1024 + r * 64;
-        const int64_t k0 = s * kAmxStep, n = m < M ? std::min<int64_t>(kAmxStep, K - k0) : 0;
-        if (n > 0) memcpy(dst, xq + m * K + k0, static_cast<size_t>(n));
-        if (n < kAmxStep) memset(dst + n, 0, static_cast<size_t>(kAmxStep - n));
-      }
+  for (int64_t m = 0; m < mp; ++m) {
+    int8_t* out = tile_data + (m / 32) * 32 * kp + ((m % 32) / 16) * 1024 + (m % 16) * 64;
+    for (int64_t s = 0; s < ks; ++s) {
+      int8_t* dst = out + s * 2048;
+      const int64_t k0 = s * kAmxStep, n = m < M ? std::min<int64_t>(kAmxStep, K - k0) : 0;
+      if (n > 0) memcpy(dst, xq + m * K + k0, static_cast<size_t>(n));
+      if (n < kAmxStep) memset(dst + n, 0, static_cast<size_t>(kAmxStep - n));
     }
   }
   const int8_t* a = tile_data;
@@ -222,14 +226,27 @@ void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int6
         for (int64_t k0 = 0; k0 < kp; k0 += kKc) {
           const int64_t steps = std::min(kKc, kp - k0) / kAmxStep;
           const bool last = k0 + kKc >= kp;
+          // x's next chunk (this block's next K chunk, or the next block's first), fetched into L2
+          // a share per panel while these panels run; tile loads do not wake the prefetchers.
+          const int64_t next_m = last ? m0 + 32 : m0, next_k = last ? 0 : k0 + kKc;
+          const bool fetch = next_m < m_end;
+          const int64_t next_steps = std::min(kKc, kp - next_k) / kAmxStep;
+          const int64_t next_lines = fetch ? next_steps * 32 : 0;
+          const int64_t share = (next_lines + (p1 - p0) - 1) / (p1 - p0);
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t n0 = p * kAmxPanel;
-            const bool whole = rows == (two ? 32 : 16) && n0 + kAmxPanel <= N;
-            block(a + m0 * kp + (k0 / kAmxStep) * 1024, 16 * kp, packed + p * panel_bytes + (k0 / kAmxStep) * 2048,
+            const bool whole = finish == nullptr && rows == (two ? 32 : 16) && n0 + kAmxPanel <= N;
+            block(a + m0 * kp + (k0 / kAmxStep) * 2048, packed + p * panel_bytes + (k0 / kAmxStep) * 2048,
                   steps, cbuf.data() + (p - p0) * 32 * 32, k0 == 0, two, last && whole ? acc + m0 * N + n0 : nullptr,
-                  N * static_cast<int64_t>(sizeof(int32_t)));
+                  N * static_cast<int64_t>(sizeof(int32_t)),
+                  a + next_m * kp + (next_k / kAmxStep) * 2048 + (p - p0) * share * 64,
+                  std::clamp<int64_t>(next_lines - (p - p0) * share, 0, share));
             if (last && !whole) {
               const int64_t cols = std::min<int64_t>(kAmxPanel, N - n0);
+              if (finish != nullptr) {
+                (*finish)(m0, rows, n0, cols, cbuf.data() + (p - p0) * 32 * 32, 32);
+                continue;
+              }
               for (int64_t r = 0; r < rows; ++r) {
                 memcpy(acc + (m0 + r) * N + n0, cbuf.data() + (p - p0) * 32 * 32 + r * 32, cols * sizeof(int32_t));
               }
@@ -246,7 +263,7 @@ void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int6
 
 bool amx_available() { return false; }
 
-void gemm_amx(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*) {}
+void gemm_amx(const int8_t*, int64_t, int64_t, const int8_t*, int64_t, int32_t*, const AmxBlockFn*) {}
 
 #endif
 

@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include <functional>
+
 namespace lowbit::cpu::int8 {
 
 // Columns per packed panel and input features per step of the packed layout.
@@ -49,6 +51,12 @@ bool amx_available();
 
 // acc [M, N] (row-major int32) = xq [M, K] @ w [N, K]^T, w given as amx_pack made it. Exact (int8 x
 // int8 products summed in int32). Needs amx_available(); OpenMP over blocks of panels and rows.
-void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int64_t N, int32_t* acc);
+// With `finish`, acc is not written (it may be null): each finished block of at most 32 rows x 32
+// columns goes to finish(m0, rows, n0, cols, c, ldc) instead (row r of the block at c + r * ldc),
+// called on the thread that made it, so the epilogue runs while the block is in L1.
+using AmxBlockFn = std::function<void(int64_t m0, int64_t rows, int64_t n0, int64_t cols, const int32_t* c,
+                                      int64_t ldc)>;
+void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int64_t N, int32_t* acc,
+              const AmxBlockFn* finish = nullptr);
 
 }  // namespace lowbit::cpu::int8
