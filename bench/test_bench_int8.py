@@ -165,3 +165,34 @@ def test_cpu_gemv_or_gemm_by_rows(benchmark, device, quick, shape, rows):
         records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 15)
     for r in records:
         r["cpu_isa"] = harness.cpu_isa()
+
+
+@pytest.mark.parametrize("rows", [1, 16, 256, 2048])
+def test_cpu_gemm_paths(benchmark, device, quick, rows):
+    """The CPU int8 GEMM alone (xq @ weight^T -> int32 or fp32) on every path this host runs
+    (lowbit/ops/int8.py GEMM_PATHS: AMX, oneDNN, AVX2, torch._int_mm), side by side: the evidence
+    for the order auto tries them in (csrc/bindings/int8.cpp auto_path)."""
+    if device.type != "cpu":
+        pytest.skip("the CPU GEMM paths")
+    from lowbit.ops.int8 import GEMM_PATHS
+
+    out_features, in_features = (512, 384) if quick else (4096, 4096)
+    rows = min(rows, 64) if quick else rows
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randint(-127, 128, (rows, in_features), generator=g, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (out_features, in_features), generator=g, dtype=torch.int8)
+    entries = []
+    for path in GEMM_PATHS[1:]:
+        try:
+            torch.ops.lowbit._int8_gemm(xq, weight, path)
+        except (ValueError, RuntimeError):
+            continue
+        case = Case(op="_int8_gemm", case=f"int8 CPU GEMM {in_features}->{out_features} M={rows}", backend=path,
+                    shapes={"weight": [out_features, in_features], "x": [rows, in_features]}, dtype="int8",
+                    bytes_moved=weight.numel() + rows * (in_features + 4 * out_features),
+                    flops=2 * rows * in_features * out_features, peak_kind="gbps")
+        entries.append((case, lambda p=path: torch.ops.lowbit._int8_gemm(xq, weight, p)))
+    with torch.inference_mode():
+        records = measure_interleaved(benchmark, entries, device, rounds=5 if quick or rows >= 2048 else 15)
+    for r in records:
+        r["cpu_isa"] = harness.cpu_isa()
