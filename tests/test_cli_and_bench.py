@@ -60,6 +60,11 @@ def test_info_lists_every_backend():
     assert result.returncode == 0, result.stderr
     for name in ("cuda", "triton", "cpu", "reference"):
         assert f"  {name}" in result.stdout
+    if "extension lowbit._C: loaded" in result.stdout and "backends for cpu" in result.stdout:
+        path = result.stdout.split("CPU int8 GEMM: ")[1].split()[0]
+        assert path in ("amx", "onednn", "avx2", "int_mm")
+        forced = _lowbit("info", env={"LOWBIT_CPU_INT8_GEMM": "int_mm"})
+        assert "CPU int8 GEMM: int_mm" in forced.stdout
 
 
 def test_bench_writes_paired_results(tmp_path):

@@ -9,7 +9,7 @@ from torch import nn
 
 import lowbit
 from lowbit.nn import Int8Linear
-from lowbit.int8.linear import GEMV_MAX_ROWS, cpu_gemv_max_rows
+from lowbit.int8.linear import GEMV_MAX_ROWS
 from lowbit.reference import int8 as ref
 
 from dfloat_data import minilm_state_dict
@@ -78,9 +78,8 @@ def test_shapes(rows):
 
 
 def test_cpu_small_batches_take_the_weight_only_product():
-    """On the CPU, inputs of at most cpu_gemv_max_rows() rows (GEMV_MAX_ROWS["cpu"], or 0 where the
-    int8 GEMM runs on AMX; bench/test_bench_int8.py says why) take int8_gemv and larger ones the
-    decomposed product; gemv_max_rows overrides the rule and is checked."""
+    """On the CPU, inputs of at most GEMV_MAX_ROWS["cpu"] rows take int8_gemv (bench/test_bench_int8.py
+    says why) and larger ones the decomposed product; gemv_max_rows overrides the rule and is checked."""
     linear = _minilm_linear(torch.bfloat16)
     x = outlier_activations(5, linear.in_features)
     module = Int8Linear.from_linear(linear)
@@ -89,10 +88,9 @@ def test_cpu_small_batches_take_the_weight_only_product():
     decomposed = ref.linear(x, w.weight, w.weight_scale, w.static_mask, w.static_idx, w.static_weight, w.bias, 6.0)
     assert (gemv - decomposed.float()).abs().max() > 1e-2  # the two products differ: the test can fail
     tol = dict(rtol=2**-7, atol=1e-3)
-    rows = cpu_gemv_max_rows()
-    assert rows in (0, GEMV_MAX_ROWS["cpu"]) and GEMV_MAX_ROWS["cpu"] == 1
-    if rows:
-        torch.testing.assert_close(module(x[:rows]).float(), gemv[:rows], **tol)
+    rows = GEMV_MAX_ROWS["cpu"]
+    assert 1 <= rows < 5
+    torch.testing.assert_close(module(x[:rows]).float(), gemv[:rows], **tol)
     torch.testing.assert_close(module(x[: rows + 1]).float(), decomposed[: rows + 1].float(), **tol)
     torch.testing.assert_close(module(x).float(), decomposed.float(), **tol)
     four = Int8Linear.from_linear(linear, gemv_max_rows=4)

@@ -276,28 +276,6 @@ def _host_isas() -> dict:
     return {"generic": True, "avx2": avx2, "avx512": avx512, "amx": avx512 and {"amx_tile", "amx_int8"} <= flags}
 
 
-def test_cpu_rule_takes_the_gemm_from_one_row_where_it_runs_on_amx():
-    """Where the CPU int8 GEMM runs on AMX, Int8Linear multiplies even a single row with it (the
-    decomposed product), else one row takes the weight-only product; either equals its reference."""
-    skip_unless_available("cpu", "cpu")
-    from lowbit import _C
-    from lowbit.int8.linear import cpu_gemv_max_rows
-    from lowbit.reference import int8 as ref
-
-    amx = _C.cpu_int8_gemm_path() == "amx"
-    assert cpu_gemv_max_rows() == (0 if amx else 1)
-    g = torch.Generator().manual_seed(5)
-    lin = torch.nn.Linear(300, 70).bfloat16()
-    m = lowbit.nn.Int8Linear.from_linear(lin)
-    assert m._gemv_rows == cpu_gemv_max_rows()
-    x = (torch.randn(1, 300, generator=g) * 2).bfloat16()
-    x[0, 11] = 30.0
-    args = (m.weight, m.weight_scale, m.static_mask, m.static_idx, m.static_weight, m.bias, 6.0)
-    want = ref.linear(x, *args) if amx else ref.gemv(x, m.weight, m.weight_scale, m.static_idx, m.static_weight, m.bias)
-    got = m(x)
-    assert (got.float() - want.float()).abs().max() <= 4 * 2**-8 * want.float().abs().max()
-
-
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_cpu_kernels_on_every_isa(isa):
     """The int8 CPU kernels (pre-pass, the decomposed product with its epilogue, the weight-only

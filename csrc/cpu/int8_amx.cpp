@@ -86,11 +86,14 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Input features per K chunk: x's chunk for 32 rows (32 KB) stays in L1 while each panel of the
+// Input features per K chunk: x's chunk for 32 rows (16 KB) stays in L1 while each panel of the
 // block multiplies it. A block's packed weight (~1 MB) stays in L2 while every 32 rows run over it.
-// (Measured on 2 cores of a Xeon with AMX: 256..4096 and 256 KB..1 MB all within 15% of each other;
-// tile loads from L2 bound the kernel at ~1.6 int8 TOP/s per core against ~3.4 from L1 and ~6
-// with no loads, measured with a register-only loop.)
+// Measured on 2 cores of a Xeon with AMX: chunks of 256..4096 features and blocks of 256 KB..1 MB
+// all within noise of each other, ~1.7 int8 TOP/s per core at 2048 x 4096 x 4096. A bare 2 x 2 tile
+// loop (bench/native/amx_tile_rates.cpp) runs ~6 with no loads and 3.2-4.1 with its operands
+// cycling through L1- or L2-sized buffers, but the same loop run as this kernel runs it (a call per
+// block, accumulators zeroed first and stored after) ran 1.7-1.9 in a standalone test once its
+// operands outgrew L1; why is not yet known: the headroom left on this path.
 constexpr int64_t kKc = 512;
 constexpr int64_t kBlockBytes = 1 << 20;
 

@@ -68,6 +68,10 @@ def cmd_info(args) -> int:
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"extension lowbit._C: {'loaded' if native.loaded else 'not loaded (' + str(native.error) + ')'}"
           + (", with CUDA kernels" if native.cuda else ""))
+    if native.loaded and device.type == "cpu":
+        from lowbit import _C
+
+        print(f"CPU int8 GEMM: {_C.cpu_int8_gemm_path()} (amx, onednn, avx2 or int_mm; LOWBIT_CPU_INT8_GEMM forces one)")
     print(f"backends for {device.type} tensors:")
     print("\n".join(_backend_lines(device)))
     print("families:")

@@ -17,23 +17,10 @@ from lowbit.reference.int8 import QMAX, dequantize, static_mask
 _BNB_ROW_FORMAT = 0
 # Inputs of at most this many rows take the weight-only product, per device type (gemv_max_rows=None):
 # on CUDA it reads half the bytes of bf16 for decoding; on the CPU it ties with the int8 GEMM at 1 row
-# (and rounds no activations) and loses from 2 rows on, by 5-20% at 2-4 rows and 15-35% at 8, to the
-# GEMM's few-rows kernel (AVX2 host, 4096->4096 and 4096->14336; bench/test_bench_int8.py). On a CPU
-# whose int8 GEMM runs on AMX (cpu_gemv_max_rows), the GEMM wins from 1 row: 2.7-3.8x faster there.
+# (and rounds no activations) and loses from 2 rows on: by 5-20% at 2-4 rows and 15-35% at 8 to the
+# GEMM's few-rows kernel on an AVX2 host, by 1.4-4x to the AMX GEMM on a Xeon with AMX (4096->4096
+# and 4096->14336; bench/test_bench_int8.py, test_cpu_gemv_or_gemm_by_rows).
 GEMV_MAX_ROWS = {"cuda": 16, "cpu": 1}
-
-
-def cpu_gemv_max_rows() -> int:
-    """The CPU rule of this host: 0 where the int8 GEMM runs on AMX (it beats the weight-only
-    product at every batch size), else GEMV_MAX_ROWS["cpu"]."""
-    from lowbit import _native
-
-    if _native.status().loaded:
-        from lowbit import _C
-
-        if _C.cpu_int8_gemm_path() == "amx":
-            return 0
-    return GEMV_MAX_ROWS["cpu"]
 MAGIC = stored.magic_number("lbi8")
 FORMAT_VERSION = 1
 _DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
@@ -59,8 +46,8 @@ class Int8Linear(LowbitLinear):
 
     Inputs of at most ``gemv_max_rows`` rows (decoding) use the weight-only product (16-bit
     activations, int8 weight): more accurate, and faster there. The default (None) is 16 on CUDA
-    and 1 on the CPU (0 where the CPU's int8 GEMM runs on AMX), where each product is the faster
-    one (measured, see ``GEMV_MAX_ROWS``); 0 always takes the decomposed product.
+    and 1 on the CPU, where each product is the faster one (measured, see ``GEMV_MAX_ROWS``);
+    0 always takes the decomposed product.
 
     Stored form (the state dict, docs/formats.md "int8"): ``weight`` int8 [out, in],
     ``weight_scale`` fp32 [out], ``static_idx`` int32 [S], ``static_weight`` [out, S],
@@ -147,12 +134,7 @@ class Int8Linear(LowbitLinear):
         self._linear = ops.op("int8_linear", backend, device)
         self._gemv = ops.op("int8_gemv", backend, device) if device.type in GEMV_MAX_ROWS else None
         rows = self.gemv_max_rows
-        if rows is not None:
-            self._gemv_rows = rows
-        elif device.type == "cpu" and ops.resolve("int8_linear", backend, device) == "cpu":
-            self._gemv_rows = cpu_gemv_max_rows()
-        else:
-            self._gemv_rows = GEMV_MAX_ROWS.get(device.type, 0)
+        self._gemv_rows = GEMV_MAX_ROWS.get(device.type, 0) if rows is None else rows
 
     def _config_extra(self) -> dict:
         return {"threshold": self._threshold, "gemv_max_rows": self.gemv_max_rows}
