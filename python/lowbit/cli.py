@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -71,7 +72,8 @@ def cmd_info(args) -> int:
     if native.loaded and device.type == "cpu":
         from lowbit import _C
 
-        print(f"CPU int8 GEMM: {_C.cpu_int8_gemm_path()} (amx, onednn, avx2 or int_mm; LOWBIT_CPU_INT8_GEMM forces one)")
+        print(f"CPU int8 GEMM: {_C.cpu_int8_gemm_path()} "
+              "(amx, onednn, avx2 or int_mm; LOWBIT_CPU_INT8_GEMM forces one)")
     print(f"backends for {device.type} tensors:")
     print("\n".join(_backend_lines(device)))
     print("families:")
@@ -110,10 +112,13 @@ def cmd_eval(args) -> int:
         if method not in known:
             raise ValueError(f"--method / --compare must name {', '.join(known)}, got {method!r}")
     results = []
-    for method in methods:
-        print(f"lowbit eval: {args.model}, method {method}", file=sys.stderr, flush=True)
-        results.append(evaluation.run_method(args.model, method, tokens=args.tokens, window=args.window,
-                                             new_tokens=args.new_tokens, progress=not args.quiet))
+    with tempfile.TemporaryDirectory(prefix="lowbit-eval-") as folder:
+        for method in methods:
+            print(f"lowbit eval: {args.model}, method {method}", file=sys.stderr, flush=True)
+            save_to = None if args.no_reload else os.path.join(folder, method)
+            results.append(evaluation.run_method(args.model, method, tokens=args.tokens, window=args.window,
+                                                 new_tokens=args.new_tokens, save_to=save_to,
+                                                 progress=not args.quiet))
     doc = {"model": args.model, "tokens": args.tokens, "window": args.window, "text": "pydoc_data.topics",
            "torch_threads": torch.get_num_threads(), "cpu": lowbit.evaluation.cpu_facts(),
            "results": [r.to_dict() for r in results]}
@@ -258,6 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--window", type=int, default=1024, help="tokens per perplexity window (default 1024)")
     p_eval.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated to time decoding")
     p_eval.add_argument("--json", help="write the results as JSON to this path ('-': print JSON instead of the table)")
+    p_eval.add_argument("--no-reload", action="store_true",
+                        help="measure the model as compressed in memory; by default each method is saved to a "
+                             "temporary folder and read back (lowbit.load, and transformers' from_pretrained), "
+                             "timing both loads and the memory they take")
     p_eval.add_argument("--quiet", action="store_true", help="no progress bars")
     p_eval.set_defaults(func=cmd_eval)
     p_demo.set_defaults(func=cmd_demo)

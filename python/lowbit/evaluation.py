@@ -222,11 +222,11 @@ class PeakMemory:
     elsewhere the process's lifetime peak from ``resource``)."""
 
     def __enter__(self):
-        self.peak = 0
+        self.peak = self.start = 0
         self._stop = threading.Event()
         self._linux = os.path.exists("/proc/self/statm")
         if self._linux:
-            self.peak = _rss_bytes()
+            self.peak = self.start = _rss_bytes()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -245,6 +245,11 @@ class PeakMemory:
 
             self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return False
+
+    @property
+    def added(self) -> int:
+        """How far the peak rose above the memory held when the block began (Linux; else 0)."""
+        return max(0, self.peak - self.start) if self._linux else 0
 
 
 def release_memory() -> None:
@@ -292,6 +297,8 @@ class Result:
     quantize_s: float = 0.0
     load_s: float | None = None
     load_peak_mb: float | None = None
+    hf_load_s: float | None = None
+    hf_load_peak_mb: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -302,8 +309,9 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
                new_tokens: int = 32, save_to: str | os.PathLike | None = None, progress: bool = True,
                check=None) -> Result:
     """Load ``name`` dense, compress it with ``method`` ("none" keeps it dense), optionally save it
-    with ``lowbit.save`` and measure ``lowbit.load`` reading it back (``save_to``: the folder), then
-    measure it (see the module docstring). ``check(model)``, when given, runs on the final model."""
+    (``save_to``: the folder) and measure ``lowbit.load`` and transformers' ``from_pretrained``
+    reading it back, then measure it (see the module docstring). ``check(model)``, when given, runs
+    on the final model."""
     known = ["none"] + [f.name for f in lowbit.registry.families()]
     if method not in known:
         raise ValueError(f"method must be one of {', '.join(known)}, got {method!r}")
@@ -315,16 +323,35 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
         if method != "none":
             lowbit.quantize(model, method, progress=progress)
         quantize_s = time.perf_counter() - start
-        load_s = load_peak = None
+        load_s = load_peak = hf_load_s = hf_load_peak = None
         if save_to is not None:
-            lowbit.save(model, save_to, progress=progress)
+            # Saved and read back twice: by lowbit.load, and by transformers' from_pretrained (which
+            # reads a lowbit checkpoint after import lowbit); "none" saves with save_pretrained, so
+            # both figures are the dense model's from_pretrained. Each load's memory is what it
+            # added to the process (the model it built, and anything it held on the way).
+            if method == "none":
+                model.save_pretrained(save_to)
+            else:
+                lowbit.save(model, save_to, progress=progress)
             del model
             release_memory()
+            import transformers
+
             with PeakMemory() as loading:
                 start = time.perf_counter()
-                model = lowbit.load(save_to)
-                load_s = time.perf_counter() - start
-            load_peak = loading.peak / 1e6
+                hf = transformers.AutoModelForCausalLM.from_pretrained(save_to).eval()
+                hf_load_s = time.perf_counter() - start
+            hf_load_peak = loading.added / 1e6
+            if method == "none":
+                model, load_s, load_peak = hf, hf_load_s, hf_load_peak
+            else:
+                del hf
+                release_memory()
+                with PeakMemory() as loading:
+                    start = time.perf_counter()
+                    model = lowbit.load(save_to)
+                    load_s = time.perf_counter() - start
+                load_peak = loading.added / 1e6
         if check is not None:
             notes.extend(check(model) or [])
         ids = text_ids(tokenizer, tokens)
@@ -334,7 +361,7 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
         result = Result(method=method, bits_per_weight=linear_bits_per_weight(model),
                         model_mb=stored_bytes(model) / 1e6, perplexity=ppl, prefill_tok_s=prefill,
                         decode_tok_s=decode, peak_mb=0.0, sample=sample, quantize_s=quantize_s, load_s=load_s,
-                        load_peak_mb=load_peak, notes=notes)
+                        load_peak_mb=load_peak, hf_load_s=hf_load_s, hf_load_peak_mb=hf_load_peak, notes=notes)
     del model
     result.peak_mb = peak.peak / 1e6
     release_memory()
@@ -345,13 +372,14 @@ def table(results: list[Result]) -> str:
     """One row per method; perplexity change against the first ("none" when it ran)."""
     base = results[0].perplexity if results and results[0].method == "none" else None
     header = (f"{'method':<8} {'bits/w':>7} {'MB':>7} {'ppl':>9} {'Δppl':>8} {'prefill t/s':>11} "
-              f"{'decode t/s':>10} {'peak MB':>8} {'load s':>7}  sample")
+              f"{'decode t/s':>10} {'peak MB':>8} {'load s':>7} {'hf load s':>9}  sample")
     lines = [header, "-" * len(header)]
     for r in results:
         change = "-" if base is None or r.method == "none" else f"{(r.perplexity / base - 1) * 100:+.2f}%"
         load = f"{r.load_s:.1f}" if r.load_s is not None else "-"
+        hf = f"{r.hf_load_s:.1f}" if r.hf_load_s is not None else "-"
         lines.append(f"{r.method:<8} {r.bits_per_weight:>7.2f} {r.model_mb:>7.1f} {r.perplexity:>9.4f} {change:>8} "
-                     f"{r.prefill_tok_s:>11.1f} {r.decode_tok_s:>10.1f} {r.peak_mb:>8.0f} {load:>7}  "
+                     f"{r.prefill_tok_s:>11.1f} {r.decode_tok_s:>10.1f} {r.peak_mb:>8.0f} {load:>7} {hf:>9}  "
                      f"{r.sample[:60]!r}")
     return "\n".join(lines)
 

@@ -32,9 +32,9 @@ def run(*, quick: bool = False, plot_path: str = "lowbit-demo.png", progress: bo
     results, broken = [], []
     with tempfile.TemporaryDirectory(prefix="lowbit-demo-") as folder:
         for method in methods:
-            print(f"  {method}: {'loading' if method == 'none' else 'quantizing, saving, reloading'}, measuring...",
-                  flush=True)
-            save_to = None if method == "none" else f"{folder}/{method}"
+            doing = "loading, saving" if method == "none" else "quantizing, saving"
+            print(f"  {method}: {doing}, reloading, measuring...", flush=True)
+            save_to = f"{folder}/{method}"
             try:
                 results.append(evaluation.run_method(evaluation.MODEL, method, tokens=tokens,
                                                      new_tokens=new_tokens, save_to=save_to, progress=progress))
@@ -51,8 +51,10 @@ def run(*, quick: bool = False, plot_path: str = "lowbit-demo.png", progress: bo
         kept = r.perplexity == dense if lossless else abs(r.perplexity / dense - 1) <= MAX_PERPLEXITY_CHANGE
         ok &= kept
         promise = "the dense perplexity exactly" if lossless else f"within {MAX_PERPLEXITY_CHANGE:.0%} of dense"
-        print(f"  {r.method}: {'kept' if kept else 'BROKE'} its promise ({promise}); reloaded with lowbit.load in "
-              f"{r.load_s:.1f} s, peak {r.load_peak_mb:.0f} MB")
+        print(f"  {r.method}: {'kept' if kept else 'BROKE'} its promise ({promise}); read back by lowbit.load in "
+              f"{r.load_s:.1f} s (+{r.load_peak_mb:.0f} MB), by from_pretrained in {r.hf_load_s:.1f} s "
+              f"(+{r.hf_load_peak_mb:.0f} MB); the dense model's from_pretrained: {results[0].hf_load_s:.1f} s "
+              f"(+{results[0].hf_load_peak_mb:.0f} MB)")
     written = evaluation.plot(results, plot_path, f"SmolLM2-135M-Instruct: perplexity vs size ({tokens} tokens)")
     print(f"  plot: {written}")
     return ok
