@@ -305,6 +305,11 @@ class Result:
         return asdict(self)
 
 
+def _first_forward(model: nn.Module) -> None:
+    with torch.no_grad():
+        model(input_ids=torch.arange(1, 9)[None])
+
+
 def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW,
                new_tokens: int = 32, save_to: str | os.PathLike | None = None, progress: bool = True,
                check=None) -> Result:
@@ -327,8 +332,9 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
         if save_to is not None:
             # Saved and read back twice: by lowbit.load, and by transformers' from_pretrained (which
             # reads a lowbit checkpoint after import lowbit); "none" saves with save_pretrained, so
-            # both figures are the dense model's from_pretrained. Each load's memory is what it
-            # added to the process (the model it built, and anything it held on the way).
+            # both figures are the dense model's from_pretrained. Each load's memory is what the
+            # load and a first 8-token forward added to the process at their peak: the forward
+            # touches every weight, so weights left in a lazily read mmap count too.
             if method == "none":
                 model.save_pretrained(save_to)
             else:
@@ -341,6 +347,7 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
                 start = time.perf_counter()
                 hf = transformers.AutoModelForCausalLM.from_pretrained(save_to).eval()
                 hf_load_s = time.perf_counter() - start
+                _first_forward(hf)
             hf_load_peak = loading.added / 1e6
             if method == "none":
                 model, load_s, load_peak = hf, hf_load_s, hf_load_peak
@@ -351,6 +358,7 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
                     start = time.perf_counter()
                     model = lowbit.load(save_to)
                     load_s = time.perf_counter() - start
+                    _first_forward(model)
                 load_peak = loading.added / 1e6
         if check is not None:
             notes.extend(check(model) or [])
@@ -392,10 +400,15 @@ def plot(results: list[Result], path: str | os.PathLike, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in results:
+    for i, r in enumerate(sorted(results, key=lambda r: r.model_mb)):
         ax.scatter(r.model_mb, r.perplexity, s=40)
-        ax.annotate(f"{r.method} ({r.bits_per_weight:.1f} bits/w)", (r.model_mb, r.perplexity),
-                    textcoords="offset points", xytext=(6, 4), fontsize=8)
+        # labels alternate above and below their points: methods of equal perplexity stay legible
+        ax.annotate(f"{r.method}\n{r.bits_per_weight:.1f} bits/w, ppl {r.perplexity:.4f}", (r.model_mb, r.perplexity),
+                    textcoords="offset points", xytext=(0, 10 if i % 2 == 0 else -26), ha="center", fontsize=8)
+    ax.set_xlim(0, max(r.model_mb for r in results) * 1.15)
+    low, high = min(r.perplexity for r in results), max(r.perplexity for r in results)
+    pad = max(high - low, 0.01 * high) * 0.35
+    ax.set_ylim(low - pad, high + pad)
     ax.set_xlabel("model size as stored (MB)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(title, fontsize=9)
