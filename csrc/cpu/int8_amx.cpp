@@ -17,7 +17,10 @@
 #include "isa.h"
 
 #include <omp.h>
+#include <stdlib.h>
 #include <string.h>
+
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <vector>
@@ -88,14 +91,40 @@ struct alignas(64) TileConfig {
 
 // Input features per K chunk: x's chunk for 32 rows (16 KB) stays in L1 while each panel of the
 // block multiplies it. A block's packed weight (~1 MB) stays in L2 while every 32 rows run over it.
-// Measured on 2 cores of a Xeon with AMX: chunks of 256..4096 features and blocks of 256 KB..1 MB
-// all within noise of each other, ~1.7 int8 TOP/s per core at 2048 x 4096 x 4096. A bare 2 x 2 tile
-// loop (bench/native/amx_tile_rates.cpp) runs ~6 with no loads and 3.2-4.1 with its operands
-// cycling through L1- or L2-sized buffers, but the same loop run as this kernel runs it (a call per
-// block, accumulators zeroed first and stored after) ran 1.7-1.9 in a standalone test once its
-// operands outgrew L1; why is not yet known: the headroom left on this path.
+// Measured on 2 cores of a Xeon with AMX: chunks of 256..4096 features and blocks of 512 KB..1 MB
+// within noise of each other, 2.8-4.4 int8 TOP/s in all at 256..2048 x 4096 x 4096. A bare 2 x 2
+// tile loop (bench/native/amx_tile_rates.cpp) runs ~6 per core with no loads, 3.9-5.2 with its
+// operands in L1 or L2, and 1.6 when their rows are not 64-byte aligned (see Aligned).
 constexpr int64_t kKc = 512;
 constexpr int64_t kBlockBytes = 1 << 20;
+
+// A buffer whose start is 64-byte aligned, grown as needed. Tile loads and stores whose 64-byte rows
+// straddle two cache lines run at less than half speed: a plain std::vector, whose large
+// allocations begin 16 bytes into a page, measured 1.5-1.8 int8 TOP/s per core where aligned
+// buffers ran 3.9-4.3 (bench/native/amx_tile_rates.cpp).
+template <typename T>
+class Aligned {
+ public:
+  Aligned() = default;
+  Aligned(const Aligned&) = delete;
+  Aligned& operator=(const Aligned&) = delete;
+  ~Aligned() { free(data_); }
+  T* at_least(int64_t count) {
+    if (count > count_) {
+      free(data_);
+      const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
+      data_ = static_cast<T*>(aligned_alloc(64, bytes));
+      TORCH_CHECK(data_ != nullptr, "lowbit: out of memory for the AMX GEMM's ", bytes, "-byte buffer");
+      count_ = count;
+    }
+    return data_;
+  }
+  T* data() { return data_; }
+
+ private:
+  T* data_ = nullptr;
+  int64_t count_ = 0;
+};
 
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")
@@ -191,9 +220,8 @@ void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int6
   // the 16 rows fall in the same L1 sets.
   const int64_t mp32 = (mp + 31) / 32 * 32;
   // Kept between calls (grown as needed): a fresh buffer costs a page fault per 4 KB.
-  static thread_local std::vector<int8_t> tiles;
-  if (tiles.size() < static_cast<size_t>(mp32 * kp)) tiles.resize(static_cast<size_t>(mp32 * kp));
-  int8_t* const tile_data = tiles.data();  // (a thread_local: OpenMP's threads must not name it)
+  static thread_local Aligned<int8_t> tiles;
+  int8_t* const tile_data = tiles.at_least(mp32 * kp);  // (a thread_local: OpenMP's threads must not name it)
 #pragma omp parallel for schedule(static)
   for (int64_t m = 0; m < mp; ++m) {
     int8_t* out = tile_data + (m / 32) * 32 * kp + ((m % 32) / 16) * 1024 + (m % 16) * 64;
@@ -217,7 +245,8 @@ void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int6
 #pragma omp parallel
   {
     configure();
-    std::vector<int32_t> cbuf(static_cast<size_t>(32 * 32 * block_panels));
+    Aligned<int32_t> cbuf;
+    cbuf.at_least(32 * 32 * block_panels);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t nb = task / msplit, ms = task % msplit;
