@@ -8,8 +8,11 @@
 #include <c10/util/Half.h>
 #include <omp.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../common/int8.h"
@@ -43,7 +46,9 @@ namespace generic {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
+#define LOWBIT_INT8_AVX512_ROW 1
 #include "int8_kernels.inc"
+#undef LOWBIT_INT8_AVX512_ROW
 }  // namespace avx512
 #pragma GCC pop_options
 #pragma GCC push_options
