@@ -1,23 +1,16 @@
 // How fast this core runs AMX int8 tile products (tdpbssd) with their operands loaded from L1, one
-// or both from L2, and with no loads at all: the bound on csrc/cpu/int8_amx.cpp's 2 x 2 register block (4 tile
-// loads per 4 products). Linux on x86-64 with AMX only.
+// or both from L2, and with no loads at all: the bound on csrc/cpu/int8_amx.cpp's 2 x 2 register
+// block (4 tile loads per 4 products). Linux on x86-64 with AMX only.
 //   g++ -O2 -mamx-tile -mamx-int8 bench/native/amx_tile_rates.cpp -o /tmp/amx_tile_rates && /tmp/amx_tile_rates
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <chrono>
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+#include "../../csrc/cpu/amx_tiles.h"
 
 // A 64-byte-aligned buffer of `bytes` ones, its start moved `offset` bytes on.
 struct Buffer {
@@ -71,17 +64,11 @@ static double rate(long a_bytes, long b_bytes, size_t offset = 0) {
 }
 
 int main() {
-  if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0) {
+  if (!lowbit::cpu::amx::request_tile_data()) {
     printf("this CPU or OS offers no AMX tile data\n");
     return 1;
   }
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  __asm__ volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
+  lowbit::cpu::amx::configure_16x64();  // the kernel's configuration
   printf("int8 TOP/s per core, 2 x 2 tile block\n");
   printf("  no loads:            %.2f\n", rate(0, 0));
   printf("  A 8 KB, B 8 KB (L1): %.2f\n", rate(8 << 10, 8 << 10));

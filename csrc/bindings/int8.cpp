@@ -58,6 +58,30 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
+// The epilogue's inputs as the CPU kernels take them: contiguous fp32 factors of the outlier side
+// product (dyn_x [M, D], dyn_w [D, N]) and of the static columns (converted only when there are
+// any), and the scales. Tensors are kept here so that the Side pointers stay valid.
+struct EpilogueInputs {
+  at::Tensor dyn_x, dyn_w, stat_x, stat_w, weight_scale, row_scale;
+  cpu::int8::Side dyn{}, stat{};
+
+  EpilogueInputs(const at::Tensor& row_scale_in, const at::Tensor& weight_scale_in,
+                 const std::optional<at::Tensor>& dyn_x_in, const std::optional<at::Tensor>& dyn_w_in,
+                 const at::Tensor& x_static, const at::Tensor& static_weight) {
+    if (dyn_x_in.has_value()) dyn_x = dyn_x_in->contiguous();
+    if (dyn_w_in.has_value()) dyn_w = dyn_w_in->contiguous();
+    const bool has_static = x_static.size(1) > 0;  // no conversions on the common path without any
+    if (has_static) {
+      stat_x = x_static.to(at::kFloat).contiguous();
+      stat_w = static_weight.to(at::kFloat).t().contiguous();
+    }
+    weight_scale = weight_scale_in.contiguous();
+    row_scale = row_scale_in.contiguous();
+    dyn = {ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
+    stat = {ptr_or_null<float>(stat_x), ptr_or_null<float>(stat_w), has_static ? stat_x.size(1) : 0};
+  }
+};
+
 // Everything of the int8 GEMM after xq @ weight^T, which the caller ran and passes as acc [M, N]
 // (int32, or its exact fp32 image), with the outlier side product's factors dyn_x [M, D] and
 // dyn_w [D, N] (fp32, the int8 weight's flagged columns), all from lowbit/int8/cpu_gemm.py.
@@ -71,20 +95,13 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_sca
   at::Tensor y = at::empty({M, N}, x_static.options());
   if (M == 0 || N == 0) return y;
   const at::Tensor acc = acc_in.contiguous();
-  const at::Tensor dyn_x = dyn_x_in.has_value() ? dyn_x_in->contiguous() : at::Tensor();
-  const at::Tensor dyn_w = dyn_w_in.has_value() ? dyn_w_in->contiguous() : at::Tensor();
-  const bool has_static = x_static.size(1) > 0;  // no conversions on the common path without any
-  const at::Tensor stat_x = has_static ? x_static.to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor stat_w = has_static ? static_weight.to(at::kFloat).t().contiguous() : at::Tensor();
-  const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
+  const EpilogueInputs in(row_scale, weight_scale_in, dyn_x_in, dyn_w_in, x_static, static_weight);
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  const cpu::int8::Side dyn{ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
-  const cpu::int8::Side stat{ptr_or_null<float>(stat_x), ptr_or_null<float>(stat_w), has_static ? stat_x.size(1) : 0};
   dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
     using T = typename decltype(type)::type;
     const auto run = [&](auto* acc_ptr) {
-      cpu::int8::epilogue(acc_ptr, M, N, row.const_data_ptr<float>(), weight_scale.const_data_ptr<float>(), dyn,
-                          stat, ptr_or_null<T>(bias), y.data_ptr<T>());
+      cpu::int8::epilogue(acc_ptr, M, N, in.row_scale.const_data_ptr<float>(), in.weight_scale.const_data_ptr<float>(),
+                          in.dyn, in.stat, ptr_or_null<T>(bias), y.data_ptr<T>());
     };
     if (acc.scalar_type() == at::kInt) {
       run(acc.const_data_ptr<int32_t>());
@@ -102,7 +119,8 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_sca
 // a zero point of 128, and it returns the accumulator in fp32 (exact below 2^24, within an fp32
 // rounding or two above: the zero point is compensated in fp32), which the epilogue converts anyway.
 // Some hosts' oneDNN kernels (AVX2 without VNNI) sum pairs of u8 x s8 products in saturating
-// int16, which is wrong for large values: a first call checks an all-127 worst case (and a random case) against at::_int_mm, and only an exact oneDNN is used.
+// int16, which is wrong for large values: a first call checks an all-127 worst case (and a random
+// case) against at::_int_mm, and only an exact oneDNN is used.
 
 const c10::OperatorHandle* find_op(const char* name) {
   const auto handle = c10::Dispatcher::singleton().findSchema({name, ""});
@@ -215,8 +233,8 @@ GemmPath parse_path(const std::string& path) {
 
 // The path auto takes: lowbit's AMX kernel where the CPU has AMX int8 (faster than oneDNN's at every
 // batch size, measured), else oneDNN where it is exact here (VNNI), else lowbit's AVX2 kernel, else
-// torch._int_mm. LOWBIT_CPU_INT8_GEMM forces one (for tests and
-// comparisons); an unavailable one raises at the first call.
+// torch._int_mm. LOWBIT_CPU_INT8_GEMM forces one (for tests and comparisons); an unavailable one
+// raises at the first call.
 GemmPath auto_path(int64_t K) {
   static const GemmPath forced = [] {
     const char* env = std::getenv("LOWBIT_CPU_INT8_GEMM");
@@ -306,18 +324,12 @@ at::Tensor gemm_epilogue(const at::Tensor& xq, const at::Tensor& weight, const a
   }
   const at::Tensor packed = amx_weight(weight);
   at::Tensor y = at::empty({M, N}, x_static.options());
-  const at::Tensor dyn_x = dyn_x_in.has_value() ? dyn_x_in->contiguous() : at::Tensor();
-  const at::Tensor dyn_w = dyn_w_in.has_value() ? dyn_w_in->contiguous() : at::Tensor();
-  const bool has_static = x_static.size(1) > 0;
-  const at::Tensor stat_x = has_static ? x_static.to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor stat_w = has_static ? static_weight.to(at::kFloat).t().contiguous() : at::Tensor();
-  const at::Tensor weight_scale = weight_scale_in.contiguous(), row = row_scale.contiguous();
+  const EpilogueInputs in(row_scale, weight_scale_in, dyn_x_in, dyn_w_in, x_static, static_weight);
   const at::Tensor bias = bias_in.has_value() ? bias_in->to(at::kFloat).contiguous() : at::zeros({N}, at::kFloat);
-  const cpu::int8::Side dyn{ptr_or_null<float>(dyn_x), ptr_or_null<float>(dyn_w), dyn_x.defined() ? dyn_x.size(1) : 0};
-  const cpu::int8::Side stat{ptr_or_null<float>(stat_x), ptr_or_null<float>(stat_w), has_static ? stat_x.size(1) : 0};
-  const float* rs = row.const_data_ptr<float>();
-  const float* ws = weight_scale.const_data_ptr<float>();
+  const float* rs = in.row_scale.const_data_ptr<float>();
+  const float* ws = in.weight_scale.const_data_ptr<float>();
   const float* b = bias.const_data_ptr<float>();
+  const cpu::int8::Side dyn = in.dyn, stat = in.stat;
   dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
     using T = typename decltype(type)::type;
     T* out = y.data_ptr<T>();

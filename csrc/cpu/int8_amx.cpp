@@ -26,9 +26,7 @@
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "amx_tiles.h"
 #define LOWBIT_HAVE_AMX_BUILD 1
 #endif
 
@@ -65,8 +63,6 @@ void amx_pack(const int8_t* w, int64_t N, int64_t K, int8_t* packed) {
 
 namespace {
 
-constexpr int kArchReqXcompPerm = 0x1023;  // arch_prctl: ask for an XSAVE feature
-constexpr int kXfeatureXtiledata = 18;     // the AMX tile data
 
 bool host_has_amx() {
   // CPUID.(7, 0).EDX: bit 24 AMX-TILE, bit 25 AMX-INT8; the OS must enable the tile state (XCR0
@@ -79,15 +75,8 @@ bool host_has_amx() {
   unsigned lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   if ((lo & (3u << 17)) != (3u << 17)) return false;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return amx::request_tile_data();
 }
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Input features per K chunk: x's chunk for 32 rows (16 KB) stays in L1 while each panel of the
 // block multiplies it. A block's packed weight (~1 MB) stays in L2 while every 32 rows run over it.
@@ -129,19 +118,8 @@ class Aligned {
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")
 
-// Tile registers: 0-3 accumulators (rows 0-15 x cols 0-15, rows 0-15 x 16-31, rows 16-31 x 0-15,
-// rows 16-31 x 16-31), 4-5 x (rows 0-15, 16-31), 6-7 weight (cols 0-15, 16-31).
-void configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  // gcc 12 does not see that ldtilecfg reads the config and drops the stores above without this.
-  __asm__ volatile("" : : "r"(&cfg) : "memory");
-  _tile_loadconfig(&cfg);
-}
-
+// Tile registers (amx::configure_16x64): 0-3 accumulators (rows 0-15 x cols 0-15, rows 0-15 x 16-31,
+// rows 16-31 x 0-15, rows 16-31 x 16-31), 4-5 x (rows 0-15, 16-31), 6-7 weight (cols 0-15, 16-31).
 // One block of 32 (or 16, `two` false) rows x 32 columns over `steps` steps of 64 features: x's
 // packed tiles at `a` (per step 2048 bytes: rows 0-15, then rows 16-31), the
 // panel's packed steps at `b`, the accumulators at `c` (rows 32 int32 apart = 128 bytes), loaded
@@ -244,7 +222,7 @@ void gemm_amx(const int8_t* xq, int64_t M, int64_t K, const int8_t* packed, int6
   const int64_t tasks = nblocks * msplit;
 #pragma omp parallel
   {
-    configure();
+    amx::configure_16x64();
     Aligned<int32_t> cbuf;
     cbuf.at_least(32 * 32 * block_panels);
 #pragma omp for schedule(static)

@@ -69,11 +69,9 @@ def cmd_info(args) -> int:
     print(f"lowbit {lowbit.__version__}, torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"extension lowbit._C: {'loaded' if native.loaded else 'not loaded (' + str(native.error) + ')'}"
           + (", with CUDA kernels" if native.cuda else ""))
-    if native.loaded and device.type == "cpu":
-        from lowbit import _C
-
-        print(f"CPU int8 GEMM: {_C.cpu_int8_gemm_path()} "
-              "(amx, onednn, avx2 or int_mm; LOWBIT_CPU_INT8_GEMM forces one)")
+    for family in lowbit.registry.families():
+        for line in family.info(device) if family.info else []:
+            print(line)
     print(f"backends for {device.type} tensors:")
     print("\n".join(_backend_lines(device)))
     print("families:")
@@ -95,8 +93,7 @@ def cmd_demo(args) -> int:
     if not args.no_model:
         from lowbit import model_demo
 
-        model_ok = model_demo.run(quick=args.quick, plot_path=args.plot, progress=not args.quiet)
-        if not model_ok:
+        if not model_demo.run(quick=args.quick, plot_path=args.plot, progress=not args.quiet):
             failed.append("model")
         print("\ndemo: every check passed" if not failed else f"\ndemo: FAILED ({', '.join(failed)})")
     return 0 if not failed else 1

@@ -305,9 +305,16 @@ class Result:
         return asdict(self)
 
 
-def _first_forward(model: nn.Module) -> None:
-    with torch.no_grad():
-        model(input_ids=torch.arange(1, 9)[None])
+def _timed_load(load) -> tuple[nn.Module, float, float]:
+    """load() -> (the model, seconds it took, MB that it and a first 8-token forward added at their
+    peak: the forward touches every weight, so weights left in a lazily read mmap count too)."""
+    with PeakMemory() as loading:
+        start = time.perf_counter()
+        model = load()
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            model(input_ids=torch.arange(1, 9)[None])
+    return model, seconds, loading.added / 1e6
 
 
 def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW,
@@ -332,9 +339,7 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
         if save_to is not None:
             # Saved and read back twice: by lowbit.load, and by transformers' from_pretrained (which
             # reads a lowbit checkpoint after import lowbit); "none" saves with save_pretrained, so
-            # both figures are the dense model's from_pretrained. Each load's memory is what the
-            # load and a first 8-token forward added to the process at their peak: the forward
-            # touches every weight, so weights left in a lazily read mmap count too.
+            # both figures are the dense model's from_pretrained.
             if method == "none":
                 model.save_pretrained(save_to)
             else:
@@ -343,23 +348,14 @@ def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: 
             release_memory()
             import transformers
 
-            with PeakMemory() as loading:
-                start = time.perf_counter()
-                hf = transformers.AutoModelForCausalLM.from_pretrained(save_to).eval()
-                hf_load_s = time.perf_counter() - start
-                _first_forward(hf)
-            hf_load_peak = loading.added / 1e6
+            hf, hf_load_s, hf_load_peak = _timed_load(
+                lambda: transformers.AutoModelForCausalLM.from_pretrained(save_to).eval())
             if method == "none":
                 model, load_s, load_peak = hf, hf_load_s, hf_load_peak
             else:
                 del hf
                 release_memory()
-                with PeakMemory() as loading:
-                    start = time.perf_counter()
-                    model = lowbit.load(save_to)
-                    load_s = time.perf_counter() - start
-                    _first_forward(model)
-                load_peak = loading.added / 1e6
+                model, load_s, load_peak = _timed_load(lambda: lowbit.load(save_to))
         if check is not None:
             notes.extend(check(model) or [])
         ids = text_ids(tokenizer, tokens)

@@ -27,6 +27,7 @@ class Family:
         (see ``lowbit.quantization.COLLECTORS``): "absmax", "xtx", or None when it takes none.
     demo: a ``lowbit demo`` section run on a device; returns whether it passed.
     add_cli: adds the family's subcommands to the ``lowbit`` parser.
+    info: lines ``lowbit info`` prints for a device (which kernel path this host takes, ...).
     """
 
     name: str
@@ -35,6 +36,7 @@ class Family:
     demo: Callable[[torch.device], bool] | None = None
     add_cli: Callable[[argparse._SubParsersAction], None] | None = None
     description: str = ""
+    info: Callable[[torch.device], list[str]] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
