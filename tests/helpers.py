@@ -78,3 +78,29 @@ def seeded_linear(in_features: int, out_features: int, bias: bool, dtype, *, see
         if bias:
             linear.bias.copy_(torch.randn(out_features, generator=g))
     return linear.to(dtype).requires_grad_(False)
+
+
+def codebook_bound(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                   bias, want: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on |y - reference| for a codebook product (lowbit.reference.codebook) that
+    may sum in any order, round W to x.dtype once and round its output twice (before and after
+    the scale and bias).
+
+    With S = |x| @ (|scale| * sum_c |codeword_c|)^T + |bias| (fp64): every fp32 evaluation of the
+    K*C + K + 3 additions and products errs by at most (K*C + K + 8) * eps32 * S against the
+    exact value; W rounded to x.dtype errs by eps/2 * S, the output's two roundings by eps/2 *
+    (S + |y|) each; the reference's one rounding by eps/2 * |want|."""
+    from lowbit.reference import codebook as ref
+
+    parts = ref.code_indices(codes)
+    total = torch.zeros(codes.shape[0], codes.shape[1], codebooks.shape[-1], dtype=torch.float64)
+    for c in range(codes.shape[2]):
+        total += codebooks[c, :, 0, :].double().abs()[parts[:, :, c]]
+    magnitude = total.reshape(codes.shape[0], -1) * scales.double().abs().reshape(-1, 1)
+    s = x.double().abs() @ magnitude.T
+    if bias is not None:
+        s = s + bias.double().abs()
+    k = x.shape[1]
+    eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(x.dtype).eps
+    return ((k * codes.shape[2] + k + 8) * eps32 + 2 * eps) * s + eps * want.double().abs() \
+        + torch.finfo(x.dtype).smallest_normal

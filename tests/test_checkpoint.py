@@ -26,7 +26,7 @@ def _ids():
     return torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(params=["int8", "dfloat"])
+@pytest.fixture(params=["int8", "dfloat", "codebook"])
 def saved(request, tmp_path):
     skip_unless_available("cpu", "cpu")
     model = _tiny_llama()
@@ -114,8 +114,8 @@ def _data_offset(path, key):
 def test_a_flipped_byte_in_a_shard_is_refused_naming_file_and_tensor(saved, key):
     method, folder, _ = saved
     shard = folder / "model.safetensors"
-    if method == "dfloat" and key.endswith("up_proj.weight"):
-        key = "model.layers.0.mlp.up_proj.weight_codes"
+    if method != "int8" and key.endswith("up_proj.weight"):
+        key = {"dfloat": "model.layers.0.mlp.up_proj.weight_codes", "codebook": "model.layers.0.mlp.up_proj.codes"}[method]
     offset, raw = _data_offset(shard, key)
     shard.write_bytes(raw[:offset] + bytes([raw[offset] ^ 0x10]) + raw[offset + 1:])
     with pytest.raises(lowbit.FormatError) as caught:

@@ -36,7 +36,7 @@ def _from_pretrained(folder, **kwargs):
     return transformers.AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
 
 
-@pytest.mark.parametrize("method", ["int8", "dfloat"])
+@pytest.mark.parametrize("method", ["int8", "dfloat", "codebook"])
 @pytest.mark.parametrize("writer", ["lowbit.save", "save_pretrained"])
 def test_from_pretrained_and_lowbit_load_read_the_same_checkpoint(tmp_path, method, writer):
     skip_unless_available("cpu", "cpu")

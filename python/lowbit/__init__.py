@@ -6,6 +6,7 @@ that runs them is chosen by one rule (``lowbit.backend``).
 
 from lowbit import backend, ops, registry
 from lowbit import dfloat, files, int8, nn
+from lowbit import codebook
 from lowbit import quantization
 from lowbit.quantization import quantize
 from lowbit import checkpoint
@@ -18,7 +19,7 @@ integrations.install()
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "checkpoint", "dfloat", "files", "int8", "load",
+    "BackendUnavailableError", "FormatError", "LowbitError", "backend", "checkpoint", "codebook", "dfloat", "files", "int8", "load",
     "nn", "ops", "quantization",
     "quantize", "registry", "save", "__version__",
 ]

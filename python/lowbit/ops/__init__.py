@@ -12,6 +12,7 @@ imports them all, so ``lowbit.ops`` is the one place to read every op.
 from lowbit import _native
 from lowbit.ops._contract import available, definitions, implementations, op, requested, resolve, why_unavailable
 from lowbit.ops.bitpack import pack_bits, unpack_bits
+from lowbit.ops.codebook import codebook_dequantize, codebook_matmul, codebook_nearest
 from lowbit.ops.dfloat import MAX_WINDOW_BITS, MAX_WINDOWS_PER_BLOCK, dfloat_decode, dfloat_gemv
 from lowbit.ops.int8 import int8_gemv, int8_linear, int8_matmul, int8_prepass
 
@@ -19,7 +20,8 @@ from lowbit.ops.int8 import int8_gemv, int8_linear, int8_matmul, int8_prepass
 _native.status()
 
 __all__ = [
-    "MAX_WINDOWS_PER_BLOCK", "MAX_WINDOW_BITS", "available", "definitions", "dfloat_decode", "dfloat_gemv",
+    "MAX_WINDOWS_PER_BLOCK", "MAX_WINDOW_BITS", "available", "codebook_dequantize", "codebook_matmul",
+    "codebook_nearest", "definitions", "dfloat_decode", "dfloat_gemv",
     "implementations", "int8_gemv", "int8_linear", "int8_matmul", "int8_prepass", "op", "pack_bits", "requested",
     "resolve", "unpack_bits", "why_unavailable",
 ]

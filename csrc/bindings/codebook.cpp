@@ -1,0 +1,200 @@
+// Torch glue of the codebook family on the CPU: the product straight from the codes (a lookup table
+// for few rows of 8-bit codes, decoded tiles of W into the host's dense GEMM otherwise), the
+// dequantization, and the encoder's nearest-codeword search.
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <omp.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "bindings/codebook.h"
+#include "bindings/per_weight.h"
+#include "cpu/codebook.h"
+
+namespace lowbit {
+namespace {
+
+// Up to this many rows, 8-bit codes take the lookup-table product: its cost grows with the rows
+// (one table and one lookup per code per row), the decoded tiles' with the weight.
+constexpr int64_t kLutMaxRows = 4;
+// Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
+constexpr int64_t kTileRows = 256;
+
+template <typename Fn>
+auto dispatch_float(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(Type<float>{});
+    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
+    case at::kHalf: return fn(Type<c10::Half>{});
+    default: TORCH_CHECK_TYPE(false, "expected bfloat16, float16 or float32, got ", dtype_name(dtype));
+  }
+}
+
+// The layer as the kernels read it; holds the fp32 copies its pointers point into.
+struct LayerView {
+  at::Tensor codes, books, scales;
+  cpu::codebook::Layer layer;
+
+  LayerView(const at::Tensor& codes_in, const at::Tensor& codebooks, const at::Tensor& scales_in) {
+    codes = codes_in.contiguous();
+    books = codebooks.to(at::kFloat).contiguous();
+    scales = scales_in.to(at::kFloat).contiguous();
+    layer.N = codes.size(0);
+    layer.G = codes.size(1);
+    layer.C = codes.size(2);
+    layer.E = codebooks.size(1);
+    layer.g = codebooks.size(3);
+    if (codes.scalar_type() == at::kByte) {
+      layer.codes8 = codes.const_data_ptr<uint8_t>();
+    } else {
+      layer.codes16 = reinterpret_cast<const uint16_t*>(codes.const_data_ptr<int16_t>());
+    }
+    layer.books = books.const_data_ptr<float>();
+    layer.scales = scales.const_data_ptr<float>();
+  }
+};
+
+// The decode table of a layer's codebooks in dtype (cpu/codebook.h, decode_table_rows): the
+// codebook itself for one codebook; for two of 8-bit codes, every sum entry a of codebook 0 plus
+// entry b of codebook 1 (in fp32, then rounded once) at a + 256 b; undefined for two of 16-bit
+// codes (2^32 sums), which decode summing. Kept per codebooks tensor and dtype.
+at::Tensor decode_table(const at::Tensor& codebooks, at::ScalarType dtype) {
+  if (codebooks.size(0) == 2 && codebooks.size(1) > 256) return {};
+  static PerWeight<at::Tensor> kept[3];
+  const int slot = dtype == at::kFloat ? 0 : dtype == at::kBFloat16 ? 1 : 2;
+  return kept[slot].get(codebooks, [dtype](const at::Tensor& books) {
+    const at::Tensor b = books.select(2, 0).to(at::kFloat);  // [C, E, g]
+    if (books.size(0) == 1) return b[0].to(dtype).contiguous();
+    const at::Tensor sums = (b[0].unsqueeze(0) + b[1].unsqueeze(1));  // [b, a, g]: entry a + 256 b
+    return sums.reshape({-1, books.size(3)}).to(dtype).contiguous();
+  });
+}
+
+// y = x W^T + bias by tiles of output rows: each thread decodes a tile of W into x's dtype (in its
+// L2), multiplies it with x through ATen's dense GEMM of that dtype, single-threaded inside the
+// parallel region (oneDNN, on AMX for bf16 where the host has it), then scales the tile's columns
+// and adds the bias. W is never whole in memory. With a decode table a group is one copy of g
+// values (W without its scales, rounded to x's dtype once); without one, groups are summed and
+// scaled in fp32 (W rounded to x's dtype once).
+at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& codebooks, const cpu::codebook::Layer& w,
+                        const std::optional<at::Tensor>& bias) {
+  const int64_t M = x.size(0), N = w.N, K = w.G * w.g;
+  at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor table = decode_table(codebooks, x.scalar_type());
+  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
+  const int64_t tile = std::min<int64_t>(N, kTileRows);
+  const int64_t tiles = (N + tile - 1) / tile;
+  const bool inference = c10::InferenceMode::is_enabled();
+  dispatch_float(x.scalar_type(), [&](auto type) {
+    using T = typename decltype(type)::type;
+    T* out = y.data_ptr<T>();
+    const T* tab = table.defined() ? table.const_data_ptr<T>() : nullptr;
+#pragma omp parallel num_threads(std::min<int64_t>(tiles, omp_get_max_threads()))
+    {
+      // The caller's grad and inference modes, in this thread too.
+      c10::InferenceMode mode(inference);
+      at::NoGradGuard no_grad;
+      at::Tensor wt = at::empty({tile, K}, x.options());
+      at::Tensor part = at::empty({M, tile}, x.options());
+#pragma omp for schedule(static)
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n0 = t * tile, rows = std::min(tile, N - n0);
+        if (tab != nullptr) {
+          cpu::codebook::decode_table_rows<T>(w, tab, n0, n0 + rows, wt.data_ptr<T>());
+        } else {
+          cpu::codebook::decode_rows<T>(w, n0, n0 + rows, wt.data_ptr<T>());
+        }
+        at::Tensor pv = part.narrow(1, 0, rows);
+        at::mm_out(pv, x, wt.narrow(0, 0, rows).t());
+        const T* src = part.const_data_ptr<T>();
+        for (int64_t m = 0; m < M; ++m) {
+          for (int64_t i = 0; i < rows; ++i) {
+            const float v = static_cast<float>(src[m * tile + i]);
+            const float scaled = tab != nullptr ? v * w.scales[n0 + i] : v;
+            out[m * N + n0 + i] = static_cast<T>(b != nullptr ? scaled + b[n0 + i] : scaled);
+          }
+        }
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebooks,
+                               const at::Tensor& scales, const std::optional<at::Tensor>& bias_in) {
+  codebook_checks::check_matmul(x_in, codes, codebooks, scales, bias_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), N = codes.size(0);
+  if (M == 0 || N == 0) return at::empty({M, N}, x.options());
+  const std::optional<at::Tensor> bias =
+      bias_in.has_value() ? std::optional<at::Tensor>(bias_in->contiguous()) : std::nullopt;
+  const LayerView view(codes, codebooks, scales);
+  if (x.size(1) == 0) {
+    return bias.has_value() ? bias->unsqueeze(0).expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
+  }
+  if (codes.scalar_type() == at::kByte && M <= kLutMaxRows) {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+    cpu::codebook::lut_matmul(xf.const_data_ptr<float>(), M, view.layer,
+                              bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
+    return y.to(x.scalar_type());
+  }
+  return tiled_matmul(x, codebooks, view.layer, bias);
+}
+
+at::Tensor codebook_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebooks, const at::Tensor& scales,
+                                   at::ScalarType dtype) {
+  codebook_checks::check_weight(codes, codebooks, scales);
+  TORCH_CHECK_TYPE(codebook_checks::is_float_dtype(dtype), "dtype must be bfloat16, float16 or float32, got ",
+                   dtype_name(dtype));
+  const LayerView view(codes, codebooks, scales);
+  const int64_t N = view.layer.N, K = view.layer.G * view.layer.g;
+  at::Tensor w = at::empty({N, K}, codes.options().dtype(dtype));
+  dispatch_float(dtype, [&](auto type) {
+    using T = typename decltype(type)::type;
+    T* out = w.data_ptr<T>();
+    at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {
+      cpu::codebook::decode_rows<T>(view.layer, n0, n1, out + n0 * K);
+    });
+  });
+  return w;
+}
+
+at::Tensor codebook_nearest_cpu(const at::Tensor& points_in, const std::optional<at::Tensor>& weights_in,
+                                const at::Tensor& codebook_in) {
+  TORCH_CHECK_TYPE(points_in.scalar_type() == at::kFloat && points_in.dim() == 2,
+                   "points must be a 2-D float32 tensor, got ", dtype_name(points_in.scalar_type()), " of shape ",
+                   points_in.sizes());
+  const int64_t P = points_in.size(0), g = points_in.size(1);
+  TORCH_CHECK_VALUE(codebook_in.scalar_type() == at::kFloat && codebook_in.dim() == 2 && codebook_in.size(1) == g,
+                    "codebook must be float32 [entries, ", g, "], got ", dtype_name(codebook_in.scalar_type()),
+                    " of shape ", codebook_in.sizes());
+  const int64_t E = codebook_in.size(0);
+  TORCH_CHECK_VALUE(E >= 1 && E <= 65536, "codebook must have 1 to 65536 entries, got ", E);
+  if (weights_in.has_value()) {
+    TORCH_CHECK_VALUE(weights_in->scalar_type() == at::kFloat && weights_in->sizes() == points_in.sizes(),
+                      "weights must be float32 of the points' shape ", points_in.sizes(), ", got ",
+                      dtype_name(weights_in->scalar_type()), " of shape ", weights_in->sizes());
+  }
+  const at::Tensor points = points_in.contiguous(), codebook = codebook_in.contiguous();
+  const at::Tensor weights = weights_in.has_value() ? weights_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({P}, points.options().dtype(at::kInt));
+  if (P == 0) return out;
+  cpu::codebook::nearest(points.const_data_ptr<float>(), weights.defined() ? weights.const_data_ptr<float>() : nullptr,
+                         P, g, codebook.const_data_ptr<float>(), E, out.data_ptr<int32_t>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("codebook_matmul", &codebook_matmul_cpu);
+  m.impl("codebook_dequantize", &codebook_dequantize_cpu);
+  m.impl("_codebook_nearest", &codebook_nearest_cpu);
+}
+
+}  // namespace lowbit

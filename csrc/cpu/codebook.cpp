@@ -1,0 +1,142 @@
+// C++ CPU kernels of the codebook family; see codebook.h. codebook_kernels.inc is built once per
+// ISA (plain x86-64, AVX2, AVX-512) and the build of cpu_isa() runs.
+#include "codebook.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "isa.h"
+
+namespace lowbit::cpu::codebook {
+namespace {
+
+using lowbit::cpu::Isa;
+using lowbit::cpu::cpu_isa;
+
+constexpr int64_t kNearestBlock = 16;  // points per block of the search
+constexpr int64_t kNearestWidth = 1024;  // entries per block of the search: 16 x 4 KB of distances in L1/L2
+// Groups per chunk of the lookup tables: chunk x C x 256 fp32 per row of x, kept in L2 while every
+// output row of the thread runs over it.
+constexpr int64_t kLutBytes = 256 << 10;
+
+namespace generic {
+#include "codebook_kernels.inc"
+}  // namespace generic
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LOWBIT_HAVE_AVX512_BUILD 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+namespace avx512 {
+#include "codebook_kernels.inc"
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+#include "codebook_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#define LOWBIT_CODEBOOK_CALL(fn, ...)                                                         \
+  (cpu_isa() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__)                                        \
+   : cpu_isa() == Isa::kAvx2 ? avx2::fn(__VA_ARGS__)                                          \
+                             : generic::fn(__VA_ARGS__))
+#else
+#define LOWBIT_CODEBOOK_CALL(fn, ...) generic::fn(__VA_ARGS__)
+#endif
+
+// [C][E][g] -> [C][g][E]
+std::vector<float> transpose_books(const float* books, int64_t C, int64_t E, int64_t g) {
+  std::vector<float> t(static_cast<size_t>(C * E * g));
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t k = 0; k < g; ++k) t[(c * g + k) * E + e] = books[(c * E + e) * g + k];
+  return t;
+}
+
+}  // namespace
+
+void lut_matmul(const float* x, int64_t M, const Layer& w, const float* bias, float* y) {
+  const int64_t N = w.N, G = w.G, C = w.C, E = w.E, K = G * w.g;
+  const std::vector<float> books_t = transpose_books(w.books, C, E, w.g);
+  const int64_t chunk = std::clamp<int64_t>(kLutBytes / (M * C * E * 4), 4, std::max<int64_t>(G, 4));
+  std::vector<float> lut(static_cast<size_t>(M * chunk * C * E));
+  std::vector<float> acc(static_cast<size_t>(M * N), 0.f);
+  const int threads = N * G * M >= (1 << 14) ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    for (int64_t j0 = 0; j0 < G; j0 += chunk) {
+      const int64_t j1 = std::min(G, j0 + chunk);
+      // The chunk's tables, split by rows of x and groups, then every thread's output rows over them.
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < M * (j1 - j0); ++task) {
+        const int64_t m = task / (j1 - j0), j = j0 + task % (j1 - j0);
+        LOWBIT_CODEBOOK_CALL(build_lut, x + m * K, j, j + 1, C, w.g, E, books_t.data(),
+                             lut.data() + (m * chunk + (j - j0)) * C * E);
+      }
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* codes = w.codes8 + n * G * C;
+        for (int64_t m = 0; m < M; ++m) {
+          const float* l = lut.data() + m * chunk * C * E;
+          acc[m * N + n] += C == 1 ? LOWBIT_CODEBOOK_CALL(gather_row<1>, l, codes + j0 * C, 0, j1 - j0)
+                                   : LOWBIT_CODEBOOK_CALL(gather_row<2>, l, codes + j0 * C, 0, j1 - j0);
+        }
+      }
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      y[m * N + n] = acc[m * N + n] * w.scales[n] + (bias != nullptr ? bias[n] : 0.f);
+    }
+  }
+}
+
+template <typename T>
+void decode_rows(const Layer& w, int64_t n0, int64_t n1, T* out) {
+  LOWBIT_CODEBOOK_CALL(decode_rows<T>, w, n0, n1, out);
+}
+
+template <typename T>
+void decode_table_rows(const Layer& w, const T* table, int64_t n0, int64_t n1, T* out) {
+  LOWBIT_CODEBOOK_CALL(decode_table_rows<T>, w, table, n0, n1, out);
+}
+
+void nearest(const float* points, const float* weights, int64_t P, int64_t g, const float* book, int64_t E,
+             int32_t* out) {
+  const std::vector<float> book_t = transpose_books(book, 1, E, g);
+  const int64_t blocks = (P + kNearestBlock - 1) / kNearestBlock;
+  const int threads = P * E * g >= (1 << 16) ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> dist(static_cast<size_t>(kNearestBlock * std::min(E, kNearestWidth)));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t p0 = b * kNearestBlock, count = std::min(kNearestBlock, P - p0);
+      float best[kNearestBlock];
+      std::fill(best, best + kNearestBlock, std::numeric_limits<float>::infinity());
+      std::fill(out + p0, out + p0 + count, 0);
+      for (int64_t e0 = 0; e0 < E; e0 += kNearestWidth) {
+        LOWBIT_CODEBOOK_CALL(nearest_block, points + p0 * g, weights != nullptr ? weights + p0 * g : nullptr, count,
+                             g, book_t.data(), E, e0, std::min(E, e0 + kNearestWidth), dist.data(), best,
+                             out + p0);
+      }
+    }
+  }
+}
+
+template void decode_table_rows<float>(const Layer&, const float*, int64_t, int64_t, float*);
+template void decode_table_rows<c10::BFloat16>(const Layer&, const c10::BFloat16*, int64_t, int64_t, c10::BFloat16*);
+template void decode_table_rows<c10::Half>(const Layer&, const c10::Half*, int64_t, int64_t, c10::Half*);
+template void decode_rows<float>(const Layer&, int64_t, int64_t, float*);
+template void decode_rows<c10::BFloat16>(const Layer&, int64_t, int64_t, c10::BFloat16*);
+template void decode_rows<c10::Half>(const Layer&, int64_t, int64_t, c10::Half*);
+
+}  // namespace lowbit::cpu::codebook

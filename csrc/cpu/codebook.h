@@ -1,0 +1,45 @@
+// C++ CPU kernels of the codebook family (additive vector quantization, AQLM's layout; spec in
+// python/lowbit/reference/codebook.py). Built for plain x86-64, AVX2 and AVX-512 and picked at run
+// time (isa.h); OpenMP splits output rows.
+#pragma once
+
+#include <stdint.h>
+
+namespace lowbit::cpu::codebook {
+
+// One layer's stored form, as the kernels read it.
+//   codes: N rows x G groups x C codes, uint8 (8-bit codes) or uint16 (16-bit codes, AQLM's int16
+//          read as unsigned), row-major
+//   books: C codebooks x E entries x g values, fp32 (converted from the stored dtype)
+//   scales: N, fp32
+struct Layer {
+  const uint8_t* codes8 = nullptr;
+  const uint16_t* codes16 = nullptr;
+  int64_t N = 0, G = 0, C = 0, g = 0, E = 0;
+  const float* books = nullptr;
+  const float* scales = nullptr;
+};
+
+// The lookup-table product for 8-bit codes: for each row of x and each input group j, the dot
+// products of x's group with all E codewords of each codebook (lut[j][c][e]); then
+// y[m, n] = scales[n] * sum_j sum_c lut[j][c][code(n, j, c)] + bias[n]. x [M, K] and y [M, N] fp32.
+void lut_matmul(const float* x, int64_t M, const Layer& w, const float* bias, float* y);
+
+// Rows [n0, n1) of W (scaled, summed in fp32 in codebook order, then converted to T: bit-exact
+// with the reference when T is float) into out, rows K = G * g apart.
+template <typename T>
+void decode_rows(const Layer& w, int64_t n0, int64_t n1, T* out);
+
+// Rows [n0, n1) of W without its scales: group j of row n is the table row [g values] at the
+// group's index, its code (one codebook) or a + 256 b for two 8-bit codes (a, b) (the table then
+// holds codebook 0's entry a plus codebook 1's entry b). Rows K = G * g apart.
+template <typename T>
+void decode_table_rows(const Layer& w, const T* table, int64_t n0, int64_t n1, T* out);
+
+// For each of P points [P, g] (fp32), the index of the codebook entry [E, g] with the least
+// weighted squared distance sum_t weights[p, t] (p_t - c_t)^2 (weights null: ones), lowest index
+// on ties.
+void nearest(const float* points, const float* weights, int64_t P, int64_t g, const float* book, int64_t E,
+             int32_t* out);
+
+}  // namespace lowbit::cpu::codebook
