@@ -19,6 +19,8 @@ namespace {
 // Up to this many rows, 8-bit codes take the lookup-table product: its cost grows with the rows
 // (one table and one lookup per code per row), the decoded tiles' with the weight.
 constexpr int64_t kLutMaxRows = 4;
+// From this many rows, bf16 inputs on AMX hosts take the AMX product (codebook_amx.cpp).
+constexpr int64_t kAmxMinRows = 2;
 // Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
 constexpr int64_t kTileRows = 256;
 
@@ -142,6 +144,16 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, 
     cpu::codebook::lut_matmul(xf.const_data_ptr<float>(), M, view.layer,
                               bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
     return y.to(x.scalar_type());
+  }
+  if (x.scalar_type() == at::kBFloat16 && M >= kAmxMinRows && !(view.layer.C == 2 && view.layer.codes16 != nullptr) &&
+      cpu::codebook::amx_bf16_available()) {
+    const at::Tensor table = decode_table(codebooks, at::kBFloat16);
+    const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    at::Tensor y = at::empty({M, N}, x.options());
+    cpu::codebook::matmul_amx_bf16(x.const_data_ptr<c10::BFloat16>(), M, view.layer,
+                                   table.const_data_ptr<c10::BFloat16>(), bf.defined() ? bf.const_data_ptr<float>() : nullptr,
+                                   y.data_ptr<c10::BFloat16>());
+    return y;
   }
   return tiled_matmul(x, codebooks, view.layer, bias);
 }

