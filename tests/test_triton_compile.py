@@ -226,10 +226,56 @@ def _int8_launches():
     yield "_int8_gemv_kernel", "bf16-m5-n4096-nobias", gemv(5, 4096, 4096, 0, torch.bfloat16, False)
 
 
+def _codebook_launches():
+    from lowbit.triton_kernels import codebook
+
+    def layer(n, in_features, count, nbits, g, codebook_dtype):
+        codes = _meta(n, in_features // g, count, dtype=torch.uint8 if nbits == 8 else torch.int16)
+        return codes, _meta(count, 1 << nbits, 1, g, dtype=codebook_dtype), _meta(n, 1, 1, 1, dtype=torch.float16)
+
+    def matmul(m, count, nbits, g, dtype, codebook_dtype, bias=True, n=4096, k=4096):
+        return lambda: codebook.matmul(_meta(m, k, dtype=dtype), *layer(n, k, count, nbits, g, codebook_dtype),
+                                       _meta(n, dtype=dtype) if bias else None)
+
+    # (num_codebooks, nbits, group_size): AQLM's 2x8 and 1x16 with groups of 8, and groups of 4.
+    configs = ((2, 8, 8), (1, 16, 8), (2, 8, 4), (1, 8, 4))
+    # gemv: M picks the x rows per program (1, 4, 16) and with N the weight rows (16, 8 or 4),
+    # which set the K step.
+    for count, nbits, g in configs:
+        yield "_codebook_gemv_kernel", f"{count}x{nbits}-g{g}-bf16-m1", matmul(1, count, nbits, g, torch.bfloat16,
+                                                                                torch.bfloat16)
+    for n in (16384, 1024):
+        yield "_codebook_gemv_kernel", f"2x8-g8-bf16-m1-n{n}", matmul(1, 2, 8, 8, torch.bfloat16, torch.bfloat16,
+                                                                      n=n)
+    for m in (4, 16):
+        yield "_codebook_gemv_kernel", f"2x8-g8-bf16-m{m}", matmul(m, 2, 8, 8, torch.bfloat16, torch.bfloat16)
+    yield "_codebook_gemv_kernel", "2x8-g8-fp32-m1-nobias", matmul(1, 2, 8, 8, torch.float32, torch.float16, False)
+    # matmul: the dot mode (x dtype, codebooks' dtype: _dot_mode) and M (the tile config).
+    for m in (17, 33, 65):
+        for dtype, codebook_dtype in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                      (torch.bfloat16, torch.float16), (torch.float32, torch.float16)):
+            name = f"2x8-g8-{_DTYPE[dtype]}-cb{_DTYPE[codebook_dtype]}-m{m}"
+            yield "_codebook_matmul_kernel", name, matmul(m, 2, 8, 8, dtype, codebook_dtype)
+    for count, nbits, g in configs[1:]:
+        yield "_codebook_matmul_kernel", f"{count}x{nbits}-g{g}-fp16-m65", matmul(65, count, nbits, g, torch.float16,
+                                                                                   torch.float16)
+    yield "_codebook_matmul_kernel", "2x8-g8-fp16-cbfp32-m65-nobias", matmul(65, 2, 8, 8, torch.float16,
+                                                                             torch.float32, False)
+    for count, nbits, g in configs:
+        for dtype in FLOAT_DTYPES:
+            yield "_codebook_dequantize_kernel", f"{count}x{nbits}-g{g}-{_DTYPE[dtype]}", lambda: codebook.dequantize(
+                *layer(4096, 4096, count, nbits, g, torch.float16), dtype)
+    for g, weights in ((8, True), (8, False), (4, True)):
+        yield "_codebook_nearest_kernel", f"g{g}-{'weights' if weights else 'plain'}", lambda: codebook.nearest(
+            _meta(1 << 20, g, dtype=torch.float32), _meta(1 << 20, g, dtype=torch.float32) if weights else None,
+            _meta(65536, g, dtype=torch.float32))
+
+
 # module -> its launches: (kernel, variant name, a launcher call), each called as soon as it is
 # yielded (so a lambda may use the loop's variables).
 LAUNCHES = {
     "lowbit.triton_kernels.bitpack": _bitpack_launches,
+    "lowbit.triton_kernels.codebook": _codebook_launches,
     "lowbit.triton_kernels.dfloat": _dfloat_launches,
     "lowbit.triton_kernels.int8": _int8_launches,
 }

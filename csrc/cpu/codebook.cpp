@@ -24,10 +24,10 @@ using lowbit::cpu::cpu_isa;
 
 constexpr int64_t kNearestBlock = 16;  // points per block of the search
 constexpr int64_t kNearestWidth = 1024;  // entries per block of the search: 16 x 4 KB of distances in L1/L2
-// Code bytes per chunk of the lookup-table product (16 KB of tables per row of x, in L1), and the
-// most rows of x it takes.
-constexpr int kChunkCodes = 16;
-constexpr int kMaxLutRows = 8;
+// Code bytes per chunk of the lookup-table product (a cache line of each output row's codes; 64 KB
+// of tables per row of x), and the most rows of x it takes.
+constexpr int kChunkCodes = 64;
+constexpr int kMaxLutRows = 4;
 
 namespace generic {
 #include "codebook_kernels.inc"

@@ -41,7 +41,9 @@ constexpr int64_t kBlockBytes = 1 << 20;  // decoded W per task, kept in L2
 bool host_has_amx_bf16() {
   unsigned a, b, c, d;
   __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
-  return (d >> 22) & 1;  // CPUID.(7, 0).EDX[22]: AMX-BF16
+  if (!((d >> 22) & 1)) return false;  // CPUID.(7, 0).EDX[22]: AMX-BF16
+  __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+  return (a >> 5) & 1;  // CPUID.(7, 1).EAX[5]: AVX512_BF16 (the decode's conversion)
 }
 
 // The combined table index of group j of row n (decode_table_rows' rule).
@@ -58,7 +60,7 @@ inline int64_t group_index(const Layer& w, int64_t n, int64_t j) {
 }
 
 #pragma GCC push_options
-#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")
+#pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
 
 // 16 x 16 transpose of 32-bit elements: r[i] holds row i on entry, column i on exit.
 inline void transpose16(__m512i r[16]) {
@@ -88,6 +90,36 @@ inline void transpose16(__m512i r[16]) {
   for (int i = 0; i < 16; ++i) r[i] = out[i];
 }
 
+// Row n's 32 features from step j0 (the first group) of 8-bit codes, summed from the fp32
+// codebooks (kept in L1: 8 KB each) as the decode table would hold them, rounded to bf16 once:
+// 16 feature pairs in one register. Two codebooks' 256 x 256 sums would be a 1 MB table, whose
+// lookups miss L2 on every other group.
+template <int C, int G>
+inline __m512i decode_row_books(const Layer& w, int64_t n, int64_t j0) {
+  const uint8_t* code = w.codes8 + (n * w.G + j0) * C;
+  const float* books = w.books;
+  const float* books1 = w.books + w.E * G;
+  __m512 half[2];
+  for (int h = 0; h < 2; ++h) {
+    constexpr int kPer = 16 / G;  // groups per 16 features
+    __m512 v[C];
+    for (int c = 0; c < C; ++c) {
+      const float* b = c == 0 ? books : books1;
+      const auto at = [&](int q) { return b + static_cast<int64_t>(code[(h * kPer + q) * C + c]) * G; };
+      if constexpr (G == 8) {
+        v[c] = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(at(0))), _mm256_loadu_ps(at(1)), 1);
+      } else {
+        const __m256 lo = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(at(0))), _mm_loadu_ps(at(1)), 1);
+        const __m256 hi = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(at(2))), _mm_loadu_ps(at(3)), 1);
+        v[c] = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+      }
+    }
+    half[h] = _mm512_add_ps(_mm512_setzero_ps(), v[0]);  // 0 + first: the reference's sum
+    if constexpr (C == 2) half[h] = _mm512_add_ps(half[h], v[1]);
+  }
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(half[1], half[0]));
+}
+
 // One B tile: output rows n0..n0+15, features s * 32 .. + 31, into dst (16 rows of 64 bytes).
 template <int C, bool k16, int G>
 inline void decode_tile(const Layer& w, const c10::BFloat16* table, int64_t n0, int64_t s, int8_t* dst) {
@@ -95,13 +127,23 @@ inline void decode_tile(const Layer& w, const c10::BFloat16* table, int64_t n0, 
   constexpr int kGroups = kStep / G;
   __m512i r[16];
   if (n0 + 16 <= w.N && k0 + kStep <= K) {
+    // Straight from the table into registers: a store-then-load through memory would stall on
+    // store forwarding (one 64-byte load over four 16-byte stores).
     for (int c = 0; c < 16; ++c) {
-      alignas(64) uint16_t row[kStep];
-      for (int q = 0; q < kGroups; ++q) {
-        const int64_t e = group_index<C, k16>(w, n0 + c, k0 / G + q);
-        memcpy(row + q * G, table + e * G, G * 2);
+      const int64_t j0 = k0 / G;
+      if constexpr (!k16) {
+        r[c] = decode_row_books<C, G>(w, n0 + c, j0);
+      } else if constexpr (G == 8) {
+        const auto part = [&](int q) {
+          return _mm_loadu_si128(reinterpret_cast<const __m128i*>(table + group_index<C, k16>(w, n0 + c, j0 + q) * 8));
+        };
+        const __m512i lo = _mm512_castsi256_si512(_mm256_set_m128i(part(1), part(0)));
+        r[c] = _mm512_inserti64x4(lo, _mm256_set_m128i(part(3), part(2)), 1);
+      } else {
+        int64_t v[8];
+        for (int q = 0; q < 8; ++q) memcpy(&v[q], table + group_index<C, k16>(w, n0 + c, j0 + q) * 4, 8);
+        r[c] = _mm512_set_epi64(v[7], v[6], v[5], v[4], v[3], v[2], v[1], v[0]);
       }
-      r[c] = _mm512_load_si512(row);
     }
   } else {  // the edges: features past K and rows past N are zeros
     for (int c = 0; c < 16; ++c) {
