@@ -115,7 +115,8 @@ def cmd_eval(args) -> int:
             save_to = None if args.no_reload else os.path.join(folder, method)
             results.append(evaluation.run_method(args.model, method, tokens=args.tokens, window=args.window,
                                                  new_tokens=args.new_tokens, save_to=save_to,
-                                                 progress=not args.quiet))
+                                                 progress=not args.quiet,
+                                                 calibration_tokens=args.calibration_tokens))
     doc = {"model": args.model, "tokens": args.tokens, "window": args.window, "text": "pydoc_data.topics",
            "torch_threads": torch.get_num_threads(), "cpu": lowbit.evaluation.cpu_facts(),
            "results": [r.to_dict() for r in results]}
@@ -259,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--tokens", type=int, default=4096, help="tokens of text for the perplexity (default 4096)")
     p_eval.add_argument("--window", type=int, default=1024, help="tokens per perplexity window (default 1024)")
     p_eval.add_argument("--new-tokens", type=int, default=32, help="greedy tokens generated to time decoding")
+    p_eval.add_argument("--calibration-tokens", type=int, default=0,
+                        help="calibrate the methods that take calibration (int8, codebook) on this many tokens "
+                             "from the end of the text, disjoint from the evaluated span (default 0: none)")
     p_eval.add_argument("--json", help="write the results as JSON to this path ('-': print JSON instead of the table)")
     p_eval.add_argument("--no-reload", action="store_true",
                         help="measure the model as compressed in memory; by default each method is saved to a "

@@ -131,6 +131,21 @@ def text_ids(tokenizer, tokens: int = DEFAULT_TOKENS) -> torch.Tensor:
     return ids[:tokens]
 
 
+def calibration_batches(tokenizer, tokens: int, window: int = 256, skip: int = DEFAULT_TOKENS) -> list[torch.Tensor]:
+    """Calibration inputs for ``quantize(..., calibration=...)``: ``tokens`` tokens of the same
+    text, taken from its end (disjoint from ``text_ids``' span as long as the two spans, ``skip``
+    tokens from the start and ``tokens`` from the end, do not meet), in batches of ``window``."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    # text_ids reads at most the first skip * 8 characters, this at most the last tokens * 8.
+    if len(text) < (tokens + skip) * 8:
+        raise LowbitError(f"the text is too short for {tokens} calibration tokens disjoint from the first {skip}")
+    ids = tokenizer(text[-tokens * 8:], return_tensors="pt").input_ids[0][-tokens:]
+    return [{"input_ids": ids[start:start + window][None], "use_cache": False}
+            for start in range(0, ids.numel(), window)]
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, window: int = DEFAULT_WINDOW, progress: bool = True) -> float:
     """exp(mean next-token negative log-likelihood) over ``ids`` cut into windows of ``window``
@@ -319,21 +334,28 @@ def _timed_load(load) -> tuple[nn.Module, float, float]:
 
 def run_method(name: str, method: str, *, tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW,
                new_tokens: int = 32, save_to: str | os.PathLike | None = None, progress: bool = True,
-               check=None) -> Result:
+               check=None, calibration_tokens: int = 0) -> Result:
     """Load ``name`` dense, compress it with ``method`` ("none" keeps it dense), optionally save it
     (``save_to``: the folder) and measure ``lowbit.load`` and transformers' ``from_pretrained``
     reading it back, then measure it (see the module docstring). ``check(model)``, when given, runs
-    on the final model."""
+    on the final model. ``calibration_tokens``: calibrate a family that takes calibration on that
+    many tokens from the end of the text (``calibration_batches``: disjoint from the evaluated span)."""
     known = ["none"] + [f.name for f in lowbit.registry.families()]
     if method not in known:
         raise ValueError(f"method must be one of {', '.join(known)}, got {method!r}")
+    if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 0:
+        raise ValueError(f"calibration_tokens must be an int >= 0, got {calibration_tokens!r}")
     release_memory()
     notes = []
     with PeakMemory() as peak:
         model, tokenizer = load_dense(name)
         start = time.perf_counter()
         if method != "none":
-            lowbit.quantize(model, method, progress=progress)
+            calibration = None
+            if calibration_tokens and lowbit.registry.get(method).calibration is not None:
+                calibration = calibration_batches(tokenizer, calibration_tokens, skip=tokens)
+                notes.append(f"calibrated on {calibration_tokens} tokens disjoint from the evaluated span")
+            lowbit.quantize(model, method, progress=progress, calibration=calibration)
         quantize_s = time.perf_counter() - start
         load_s = load_peak = hf_load_s = hf_load_peak = None
         if save_to is not None:
