@@ -17,10 +17,11 @@ namespace lowbit {
 namespace {
 
 // Up to this many rows, 8-bit codes take the lookup-table product: its cost grows with the rows
-// (one table and one lookup per code per row), the decoded tiles' with the weight.
+// (one table and one lookup per code per row), the decoded tiles' with the weight. Where the AMX
+// product runs (bf16 inputs, AMX hosts) it is faster from 3 rows (4096 x 4096, 2x8, Xeon with AMX:
+// 1.5 vs 1.5-2.0 ms at 2 rows, 2.5 vs 1.5 ms at 3); elsewhere the tables run up to 4 rows.
 constexpr int64_t kLutMaxRows = 4;
-// From this many rows, bf16 inputs on AMX hosts take the AMX product (codebook_amx.cpp).
-constexpr int64_t kAmxMinRows = 2;
+constexpr int64_t kLutMaxRowsBeforeAmx = 2;
 // Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
 constexpr int64_t kTileRows = 256;
 
@@ -137,16 +138,19 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, 
   if (x.size(1) == 0) {
     return bias.has_value() ? bias->unsqueeze(0).expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
   }
-  if (codes.scalar_type() == at::kByte && M <= kLutMaxRows) {
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const bool amx = x.scalar_type() == at::kBFloat16 && !(view.layer.C == 2 && view.layer.codes16 != nullptr) &&
+                   cpu::codebook::amx_bf16_available();
+  if (codes.scalar_type() == at::kByte && M <= (amx ? kLutMaxRowsBeforeAmx : kLutMaxRows)) {
+    // The tables are one small fp32 GEMM: x's groups [M * G, g] times every codeword [C * 256, g].
+    const int64_t g = view.layer.g;
+    const at::Tensor lut = at::mm(x.to(at::kFloat).reshape({-1, g}), view.books.reshape({-1, g}).t());
     const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-    cpu::codebook::lut_matmul(xf.const_data_ptr<float>(), M, view.layer,
+    cpu::codebook::lut_matmul(lut.const_data_ptr<float>(), M, view.layer,
                               bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
     return y.to(x.scalar_type());
   }
-  if (x.scalar_type() == at::kBFloat16 && M >= kAmxMinRows && !(view.layer.C == 2 && view.layer.codes16 != nullptr) &&
-      cpu::codebook::amx_bf16_available()) {
+  if (amx) {
     const at::Tensor table = decode_table(codebooks, at::kBFloat16);
     const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());

@@ -14,6 +14,10 @@
 
 #include "isa.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #include <c10/util/Exception.h>
 
 namespace lowbit::cpu::codebook {
@@ -28,9 +32,12 @@ constexpr int64_t kNearestWidth = 1024;  // entries per block of the search: 16 
 // of tables per row of x), and the most rows of x it takes.
 constexpr int kChunkCodes = 64;
 constexpr int kMaxLutRows = 4;
+constexpr int64_t kPrefetchRows = 16;
 
 namespace generic {
+#define LOWBIT_CODEBOOK_ISA 0
 #include "codebook_kernels.inc"
+#undef LOWBIT_CODEBOOK_ISA
 }  // namespace generic
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -38,13 +45,17 @@ namespace generic {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
+#define LOWBIT_CODEBOOK_ISA 2
 #include "codebook_kernels.inc"
+#undef LOWBIT_CODEBOOK_ISA
 }  // namespace avx512
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+#define LOWBIT_CODEBOOK_ISA 1
 #include "codebook_kernels.inc"
+#undef LOWBIT_CODEBOOK_ISA
 }  // namespace avx2
 #pragma GCC pop_options
 #define LOWBIT_CODEBOOK_CALL(fn, ...)                                                         \
@@ -66,25 +77,19 @@ std::vector<float> transpose_books(const float* books, int64_t C, int64_t E, int
 
 }  // namespace
 
-void lut_matmul(const float* x, int64_t M, const Layer& w, const float* bias, float* y) {
+void lut_matmul(const float* lut, int64_t M, const Layer& w, const float* bias, float* y) {
   TORCH_CHECK(M <= kMaxLutRows, "lowbit: the lookup-table product takes at most ", kMaxLutRows, " rows, got ", M);
-  const int64_t N = w.N, G = w.G, C = w.C, E = w.E, K = G * w.g;
-  const std::vector<float> books_t = transpose_books(w.books, C, E, w.g);
-  // The tables of every row of x and group: [M][G][C][E] (1 MB per row at 4096 features), built
-  // once in parallel; then each thread runs its output rows over them, chunk by chunk.
-  std::vector<float> lut(static_cast<size_t>(M * G * C * E));
-  std::vector<float> acc(static_cast<size_t>(M * N), 0.f);
+  const int64_t N = w.N, G = w.G, C = w.C;
+  // (thread_local: OpenMP's threads reach it through the pointer, not by name.)
+  static thread_local std::vector<float> acc_kept;
+  acc_kept.assign(static_cast<size_t>(M * N), 0.f);
+  float* const acc = acc_kept.data();
   const int threads = N * G * M >= (1 << 14) ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < M * G; ++task) {
-      const int64_t m = task / G, j = task % G;
-      LOWBIT_CODEBOOK_CALL(build_lut, x + m * K, j, j + 1, C, w.g, E, books_t.data(), lut.data() + (m * G + j) * C * E);
-    }
     const int t = omp_get_thread_num(), count = omp_get_num_threads();
     const int64_t n0 = N * t / count, n1 = N * (t + 1) / count;
-    LOWBIT_CODEBOOK_CALL(gather_rows, lut.data(), static_cast<int>(M), G * C, w.codes8, N, n0, n1, acc.data());
+    LOWBIT_CODEBOOK_CALL(gather_rows, lut, static_cast<int>(M), G * C, w.codes8, N, n0, n1, acc);
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {

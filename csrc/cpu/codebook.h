@@ -22,10 +22,10 @@ struct Layer {
   const float* scales = nullptr;
 };
 
-// The lookup-table product for 8-bit codes: for each row of x and each input group j, the dot
-// products of x's group with all E codewords of each codebook (lut[j][c][e]); then
-// y[m, n] = scales[n] * sum_j sum_c lut[j][c][code(n, j, c)] + bias[n]. x [M, K] and y [M, N] fp32.
-void lut_matmul(const float* x, int64_t M, const Layer& w, const float* bias, float* y);
+// The lookup-table product for 8-bit codes: lut [M][G][C][256] (fp32) holds, for each row of x and
+// input group j, the dot products of x's group with every codeword of each codebook; then
+// y[m, n] = scales[n] * sum_j sum_c lut[m][j][c][code(n, j, c)] + bias[n], y [M, N] fp32.
+void lut_matmul(const float* lut, int64_t M, const Layer& w, const float* bias, float* y);
 
 // Rows [n0, n1) of W (scaled, summed in fp32 in codebook order, then converted to T: bit-exact
 // with the reference when T is float) into out, rows K = G * g apart.
