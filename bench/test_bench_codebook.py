@@ -119,25 +119,30 @@ def test_codebook_linear_vs_dense(benchmark, device, quick, rows, shape):
         measure(benchmark, case(impl, codes_bytes, "CodebookLinear"), lambda m: m(x), device, weights=(module,))
 
 
-def test_aqlm_numba_kernel_at_batch_1(benchmark, device, quick):
-    """AQLM's own CPU kernel (PyPI aqlm with numba, 2x8 codebooks) beside ours, batch 1, where it
-    installs."""
+@pytest.mark.parametrize("impl", ["aqlm", "lowbit"])
+def test_aqlm_numba_kernel_at_batch_1(benchmark, device, quick, impl):
+    """AQLM's own CPU kernel (PyPI aqlm with numba, 2x8 codebooks) and ours, batch 1, where it
+    installs (``pip install --no-deps aqlm numba llvmlite``). Timed in separate tests, not
+    interleaved: numba's thread pool and lowbit's OpenMP threads wait for work differently, and
+    alternating calls would make each pay for the other's."""
     if device.type != "cpu":
         pytest.skip("a CPU kernel")
     numba_kernel = pytest.importorskip("aqlm.inference_kernels.numba_kernel")
     shape = (512, 384) if quick else (4096, 4096)
     module = _random_layer(shape)
     x = torch.randn(1, shape[1], generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    # AQLM's CPU path keeps its codes as [in_groups, out, codebooks] (int8) and computes in fp32.
-    codes = module.codes.permute(1, 0, 2).contiguous().view(torch.int8)
-    books, scales, x32 = module.codebooks.float(), module.scales.float(), x.float()
-    fn_aqlm = lambda: numba_kernel.numba_gemm_lut(x32, codes, books, scales, None)  # noqa: E731
-    fn_ours = lambda: module(x)  # noqa: E731
-    entries = [(Case(op="codebook_matmul", case=f"aqlm numba {shape[1]}->{shape[0]} M=1", backend="baseline",
-                     shapes={"weight": list(shape)}, dtype="fp32", bytes_moved=0, extra={"name": "aqlm numba"}),
-                fn_aqlm),
-               (Case(op="codebook_matmul", case=f"aqlm numba {shape[1]}->{shape[0]} M=1", backend="cpu",
-                     shapes={"weight": list(shape)}, dtype="bf16", bytes_moved=0), fn_ours)]
-    records = measure_interleaved(benchmark, entries, device, rounds=11)
-    for r in records:
-        r["cpu_isa"] = harness.cpu_isa()
+    case = f"aqlm numba {shape[1]}->{shape[0]} M=1"
+    if impl == "aqlm":
+        # AQLM's CPU path keeps its codes as [in_groups, out, codebooks] (int8) and computes in fp32.
+        codes = module.codes.permute(1, 0, 2).contiguous().view(torch.int8)
+        books, scales, x32 = module.codebooks.float(), module.scales.float(), x.float()
+        record = measure(benchmark, Case(op="codebook_matmul", case=case, backend="baseline",
+                                         shapes={"weight": list(shape)}, dtype="fp32", bytes_moved=0,
+                                         extra={"name": "AQLM numba_gemm_lut (2x8, fp32)"}),
+                         lambda: numba_kernel.numba_gemm_lut(x32, codes, books, scales, None), device)
+    else:
+        with torch.inference_mode():
+            record = measure(benchmark, Case(op="codebook_matmul", case=case, backend="cpu",
+                                             shapes={"weight": list(shape)}, dtype="bf16", bytes_moved=0,
+                                             extra={"name": "CodebookLinear"}), lambda: module(x), device)
+    record["cpu_isa"] = harness.cpu_isa()
