@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -127,6 +128,32 @@ def cmd_eval(args) -> int:
     if args.json:
         written = lowbit.files.write_text(args.json, json.dumps(doc, indent=1), what="--json")
         print(f"results: {written}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    """Load a model (dense), compress its linear layers with a family, and save it as a checkpoint
+    folder that ``lowbit.load``, ``lowbit eval`` and transformers' ``from_pretrained`` read."""
+    from lowbit import evaluation
+
+    known = [f.name for f in lowbit.registry.families()]
+    if args.method not in known:
+        raise ValueError(f"--method must name {', '.join(known)}, got {args.method!r}")
+    if args.calibration_tokens < 0:
+        raise ValueError(f"--calibration-tokens must be >= 0, got {args.calibration_tokens}")
+    model, tokenizer = evaluation.load_dense(args.model)
+    calibration = None
+    if args.calibration_tokens:
+        if lowbit.registry.get(args.method).calibration is None:
+            raise ValueError(f"--calibration-tokens: method {args.method!r} takes no calibration")
+        calibration = evaluation.calibration_batches(tokenizer, args.calibration_tokens)
+    start = time.perf_counter()
+    lowbit.quantize(model, args.method, calibration=calibration, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    folder = lowbit.save(model, args.out, progress=not args.quiet)
+    tokenizer.save_pretrained(folder)
+    bits = evaluation.linear_bits_per_weight(model)
+    print(f"{args.model}: {args.method} in {seconds:.1f} s, {bits:.2f} bits per linear weight -> {folder}")
     return 0
 
 
@@ -270,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "timing both loads and the memory they take")
     p_eval.add_argument("--quiet", action="store_true", help="no progress bars")
     p_eval.set_defaults(func=cmd_eval)
+    p_quant = sub.add_parser("quantize", help="compress a model's linear layers with a family and save the checkpoint")
+    p_quant.add_argument("model", help="'smollm2' (the packaged SmolLM2-135M-Instruct), a transformers folder or a "
+                                       ".gguf file")
+    p_quant.add_argument("--method", required=True, help="a family: dfloat, int8, codebook, ...")
+    p_quant.add_argument("--out", required=True, help="the checkpoint folder to write")
+    p_quant.add_argument("--calibration-tokens", type=int, default=0,
+                         help="calibrate on this many tokens of text (pydoc_data.topics, from its end; default 0)")
+    p_quant.add_argument("--quiet", action="store_true", help="no progress bars")
+    p_quant.set_defaults(func=cmd_quantize)
     p_demo.set_defaults(func=cmd_demo)
     p_info.set_defaults(func=cmd_info)
     p_bench.set_defaults(func=cmd_bench, passes_unknown=True)
