@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import harness
 from harness import Case, measure, measure_interleaved
 from lowbit.codebook import bits_per_weight, encode
-from lowbit.codebook.demo import rtn, sqnr_db
+from lowbit.codebook.demo import sqnr_db
+from lowbit.evaluation import rtn
 from lowbit.nn import CodebookLinear
 from lowbit.reference import codebook as ref
 
@@ -149,15 +150,6 @@ def test_aqlm_numba_kernel_at_batch_1(benchmark, device, quick, impl):
     record["cpu_isa"] = harness.cpu_isa()
 
 
-def _rtn_model(model, bits: int, group: int):
-    """The model with every linear weight but lm_head replaced by its RTN reconstruction."""
-    with torch.no_grad():
-        for name, layer in model.named_modules():
-            if isinstance(layer, torch.nn.Linear) and not name.endswith("lm_head"):
-                layer.weight.copy_(rtn(layer.weight, bits, group).to(layer.weight.dtype))
-    return model
-
-
 def test_smollm2_perplexity(quick):
     """Perplexity of SmolLM2-135M-Instruct with every linear layer but lm_head in 2x8 g8 codebooks,
     calibrated on text disjoint from the evaluated span, against the dense model, RTN 2-bit g64
@@ -176,9 +168,7 @@ def test_smollm2_perplexity(quick):
     ids = evaluation.text_ids(tokenizer, tokens)
     results["dense"] = evaluation.perplexity(model, ids, progress=False)
     for bits, group in ((2, 64), (3, 128)):
-        rtn_model, _ = evaluation.load_dense(evaluation.MODEL)
-        results[f"rtn{bits}_g{group}"] = evaluation.perplexity(_rtn_model(rtn_model, bits, group), ids, progress=False)
-        del rtn_model
+        results[f"rtn{bits}_g{group}"] = evaluation.rtn_perplexity(evaluation.MODEL, bits, group, tokens, progress=False)
     for calibrated in (False, True):
         coded, _ = evaluation.load_dense(evaluation.MODEL)
         batches = evaluation.calibration_batches(tokenizer, calibration_tokens, skip=tokens) if calibrated else None

@@ -52,6 +52,14 @@ CALLS = [
     ("int8_matmul bf16 5x1025 -> 97 S=3 bias", ("triton",), False,
      lambda i, b: ops.int8_matmul(i.x, *i.prepassed, i.q.weight, i.q.weight_scale, i.q.static_weight, i.bias, 6.0,
                                   backend=b)),
+    ("codebook_matmul 2x8g8 3x1032 -> 97 bias", ("cuda", "triton"), False,
+     lambda i, b: ops.codebook_matmul(i.cb_x[:3], *i.cb_2x8, i.bias, backend=b)),
+    ("codebook_matmul 2x8g8 33x1032 -> 97 bias", ("cuda", "triton"), False,
+     lambda i, b: ops.codebook_matmul(i.cb_x, *i.cb_2x8, i.bias, backend=b)),
+    ("codebook_matmul 1x16g4 5x1032 -> 7", ("cuda", "triton"), False,
+     lambda i, b: ops.codebook_matmul(i.cb_x[:5], *i.cb_1x16, None, backend=b)),
+    ("codebook_matmul 1x16g4 33x1032 -> 7", ("cuda", "triton"), False,
+     lambda i, b: ops.codebook_matmul(i.cb_x, *i.cb_1x16, None, backend=b)),
 ]
 REL_TOL = 1e-2  # bf16 outputs of the same fp32 sums in another order differ by a few eps at most
 
@@ -80,6 +88,15 @@ def build_inputs(device: torch.device) -> SimpleNamespace:
     i.static_mask = ref_int8.static_mask(i.q.static_idx, 1025, "cpu").to(torch.uint8)
     i.bias = randn(97)
     i.prepassed = ops.int8_prepass(i.x, i.static_mask, i.q.static_idx, 6.0, backend="reference")
+    # codebook: 1032 input features as 129 groups of 8 (two 8-bit fp16 codebooks, fp16 scales: x
+    # and codebooks differ in dtype) or 258 of 4 (one 16-bit bf16 codebook, int16 codes over the
+    # whole unsigned range, fp32 scales); 33 rows of x (3 and 5 take the GEMV).
+    i.cb_x = randn(33, 1032)
+    i.cb_2x8 = (torch.randint(0, 256, (97, 129, 2), generator=g, dtype=torch.uint8),
+                randn(2, 256, 1, 8, scale=0.5, dtype=torch.float16),
+                randn(97, 1, 1, 1, scale=0.05, dtype=torch.float16))
+    i.cb_1x16 = (torch.randint(-32768, 32768, (7, 258, 1), generator=g, dtype=torch.int16),
+                 randn(1, 65536, 1, 4, scale=0.5), randn(7, 1, 1, 1, scale=0.05, dtype=torch.float32))
 
     moved = SimpleNamespace()
     for name, value in vars(i).items():

@@ -32,7 +32,29 @@ def test_demo_checks_every_backend_and_runs_the_real_model(tmp_path):
     assert rows["dfloat"][3] == rows["none"][3]  # lossless: the same perplexity, to every printed digit
     assert float(rows["int8"][2]) < 0.45 * float(rows["none"][2])  # MB
     assert "dfloat: kept its promise" in result.stdout and "int8: kept its promise" in result.stdout
+    assert "codebook: kept its promise (at most the perplexity of round-to-nearest 3-bit" in result.stdout
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quantize_writes_a_checkpoint_that_loads_and_evaluates(tmp_path):
+    """`lowbit quantize` (calibrated) then `lowbit eval` on the folder it wrote; int8 for speed: the
+    command is the same for every family."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "q"
+    result = _lowbit("quantize", "smollm2", "--method", "int8", "--out", str(out), "--calibration-tokens", "256",
+                     "--quiet")
+    if "neither" in result.stderr or "cannot be loaded" in result.stderr:
+        pytest.skip("SmolLM2 is not installed here")
+    assert result.returncode == 0, result.stderr
+    assert "int8 in" in result.stdout and "bits per linear weight" in result.stdout
+    assert (out / "lowbit.json").exists() and (out / "tokenizer.json").exists()
+    evaluated = _lowbit("eval", str(out), "--tokens", "200", "--window", "100", "--new-tokens", "2", "--no-reload",
+                        "--quiet", "--json", "-")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["results"][0]["perplexity"] < 100
+    bad = _lowbit("quantize", "smollm2", "--method", "dfloat", "--out", str(tmp_path / "x"),
+                  "--calibration-tokens", "8")
+    assert bad.returncode != 0 and "takes no calibration" in bad.stderr
 
 
 def test_eval_compares_methods_in_one_process_and_writes_json(tmp_path):

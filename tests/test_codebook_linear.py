@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import lowbit
 from lowbit.codebook import encode
-from lowbit.codebook.demo import rtn, sqnr_db
+from lowbit.codebook.demo import sqnr_db
+from lowbit.evaluation import rtn
 from lowbit.errors import FormatError
 from lowbit.nn import CodebookLinear
 from lowbit.reference import codebook as ref

@@ -146,6 +146,31 @@ def calibration_batches(tokenizer, tokens: int, window: int = 256, skip: int = D
             for start in range(0, ids.numel(), window)]
 
 
+def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """Scalar round-to-nearest of ``weight`` [out, in] with a minimum and a step per group of
+    ``group`` input weights, both stored in fp16 (``bits + 32 / group`` bits per weight)."""
+    w = weight.float().reshape(-1, group)
+    low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    step = ((high - low) / (2**bits - 1)).half().float().clamp_min(1e-12)
+    low = low.half().float()
+    return (((w - low) / step).round().clamp(0, 2**bits - 1) * step + low).reshape(weight.shape).to(weight.dtype)
+
+
+@torch.no_grad()
+def rtn_perplexity(name: str, bits: int, group: int, tokens: int = DEFAULT_TOKENS, window: int = DEFAULT_WINDOW,
+                   progress: bool = True) -> float:
+    """Perplexity of ``name`` with every linear weight but lm_head replaced by its ``rtn`` image:
+    the scalar baseline a codebook family is held against."""
+    model, tokenizer = load_dense(name)
+    for fqn, layer in model.named_modules():
+        if type(layer) is nn.Linear and not fqn.endswith("lm_head"):
+            layer.weight.copy_(rtn(layer.weight, bits, group))
+    ppl = perplexity(model, text_ids(tokenizer, tokens), window, progress)
+    del model
+    release_memory()
+    return ppl
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, window: int = DEFAULT_WINDOW, progress: bool = True) -> float:
     """exp(mean next-token negative log-likelihood) over ``ids`` cut into windows of ``window``

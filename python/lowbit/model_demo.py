@@ -36,8 +36,10 @@ def run(*, quick: bool = False, plot_path: str = "lowbit-demo.png", progress: bo
             print(f"  {method}: {doing}, reloading, measuring...", flush=True)
             save_to = f"{folder}/{method}"
             try:
+                options = {} if method == "none" else lowbit.registry.get(method).model_demo
                 results.append(evaluation.run_method(evaluation.MODEL, method, tokens=tokens,
-                                                     new_tokens=new_tokens, save_to=save_to, progress=progress))
+                                                     new_tokens=new_tokens, save_to=save_to, progress=progress,
+                                                     **options))
             except Exception as exc:  # one family's failure is reported; the others still run
                 if method == "none":
                     raise
@@ -46,11 +48,23 @@ def run(*, quick: bool = False, plot_path: str = "lowbit-demo.png", progress: bo
     print(evaluation.table(results))
     ok = not broken
     dense = results[0].perplexity
+    baselines = {}
     for r in results[1:]:
         lossless = r.method == "dfloat"
-        kept = r.perplexity == dense if lossless else abs(r.perplexity / dense - 1) <= MAX_PERPLEXITY_CHANGE
+        baseline = lowbit.registry.get(r.method).demo_baseline
+        if lossless:
+            kept, promise = r.perplexity == dense, "the dense perplexity exactly"
+        elif baseline is not None:
+            if baseline not in baselines:
+                baselines[baseline] = evaluation.rtn_perplexity(evaluation.MODEL, *baseline, tokens=tokens,
+                                                                progress=progress)
+            kept = r.perplexity <= baselines[baseline]
+            promise = (f"at most the perplexity of round-to-nearest {baseline[0]}-bit, group {baseline[1]}: "
+                       f"{baselines[baseline]:.2f}")
+        else:
+            kept = abs(r.perplexity / dense - 1) <= MAX_PERPLEXITY_CHANGE
+            promise = f"within {MAX_PERPLEXITY_CHANGE:.0%} of dense"
         ok &= kept
-        promise = "the dense perplexity exactly" if lossless else f"within {MAX_PERPLEXITY_CHANGE:.0%} of dense"
         print(f"  {r.method}: {'kept' if kept else 'BROKE'} its promise ({promise}); read back by lowbit.load in "
               f"{r.load_s:.1f} s (+{r.load_peak_mb:.0f} MB), by from_pretrained in {r.hf_load_s:.1f} s "
               f"(+{r.hf_load_peak_mb:.0f} MB); the dense model's from_pretrained: {results[0].hf_load_s:.1f} s "

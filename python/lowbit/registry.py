@@ -9,7 +9,7 @@ A family's package ends with one line, e.g.::
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -28,6 +28,10 @@ class Family:
     demo: a ``lowbit demo`` section run on a device; returns whether it passed.
     add_cli: adds the family's subcommands to the ``lowbit`` parser.
     info: lines ``lowbit info`` prints for a device (which kernel path this host takes, ...).
+    model_demo: keyword arguments of ``lowbit.evaluation.run_method`` for this family in the model
+        part of ``lowbit demo`` (e.g. ``{"calibration_tokens": 2048}``).
+    demo_baseline: (bits, group) of the round-to-nearest baseline a lossy family must beat in that
+        part (its perplexity at most the baseline's), instead of staying within 5% of dense.
     """
 
     name: str
@@ -37,6 +41,8 @@ class Family:
     add_cli: Callable[[argparse._SubParsersAction], None] | None = None
     description: str = ""
     info: Callable[[torch.device], list[str]] | None = None
+    model_demo: dict = field(default_factory=dict)
+    demo_baseline: tuple[int, int] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

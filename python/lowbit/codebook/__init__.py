@@ -11,5 +11,8 @@ from lowbit.registry import Family, register
 
 __all__ = ["CodebookLinear", "CodebookWeight", "bits_per_weight", "encode"]
 
+# In the model demo, 2-bit codebooks are calibrated (on text disjoint from the evaluated span) and
+# held against scalar 3-bit rounding, as AQLM's 2-bit results are held against 3-bit ones.
 register(Family("codebook", CodebookLinear, calibration="xtx", demo=demo.demo,
-                description="2-bit additive vector quantization (AQLM's layout): codes into learned codebooks"))
+                description="2-bit additive vector quantization (AQLM's layout): codes into learned codebooks",
+                model_demo={"calibration_tokens": 2048}, demo_baseline=(3, 128)))

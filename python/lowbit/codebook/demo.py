@@ -9,16 +9,7 @@ import torch
 
 import lowbit
 from lowbit.demo import median_seconds, model_weights
-
-
-def rtn(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """Scalar round-to-nearest with a min and a step per group of ``group`` input weights, both
-    stored in fp16 (2 + 32 / group bits per weight): the baseline codebooks must beat."""
-    w = weight.float().reshape(-1, group)
-    low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
-    step = ((high - low) / (2**bits - 1)).half().float().clamp_min(1e-12)
-    low = low.half().float()
-    return (((w - low) / step).round().clamp(0, 2**bits - 1) * step + low).reshape(weight.shape)
+from lowbit.evaluation import rtn
 
 
 def sqnr_db(weight: torch.Tensor, approx: torch.Tensor) -> float:
