@@ -352,6 +352,17 @@ def measure_interleaved(benchmark, entries: list[tuple[Case, object]], device: t
     return records
 
 
+def pair_fastest_dense(records: list[dict]) -> None:
+    """CPU comparisons time bf16 F.linear (records[0], backend "baseline") and fp32 F.linear
+    (records[1], "dense_fp32") beside ours: the faster of the two becomes the baseline ours is paired
+    with (bf16 is slow without native bf16 instructions); every record gets the host's ISA."""
+    bf16_rec, fp32_rec = records[0], records[1]
+    if fp32_rec["median_s"] < bf16_rec["median_s"]:
+        bf16_rec["backend"], fp32_rec["backend"] = "dense_bf16", "baseline"
+    for r in records:
+        r["cpu_isa"] = cpu_isa()
+
+
 def pair_with_baselines(records: list[dict]) -> list[dict]:
     """Add baseline_median_s and speedup (baseline / ours) to every non-baseline record, and
     eager_speedup where both were also timed eagerly (GPU)."""

@@ -104,11 +104,7 @@ def test_codebook_linear_vs_dense(benchmark, device, quick, rows, shape):
                    (case("cpu", codes_bytes, "CodebookLinear"), lambda: module(x))]
         with torch.inference_mode():
             records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 11)
-        bf16_rec, fp32_rec = records[0], records[1]
-        if fp32_rec["median_s"] < bf16_rec["median_s"]:  # pair ours with the faster dense path
-            bf16_rec["backend"], fp32_rec["backend"] = "dense_bf16", "baseline"
-        for r in records:
-            r["cpu_isa"] = harness.cpu_isa()
+        harness.pair_fastest_dense(records)
         return
     measure(benchmark, case("baseline", 2 * weight.numel(), "F.linear bf16"), lambda w: F.linear(x, w), device,
             weights=(weight,))

@@ -125,11 +125,7 @@ def test_int8_linear_vs_bf16(benchmark, device, quick, rows, shape):
             entries.append((dyn, lambda: dynamic(x32)))
         with torch.inference_mode():
             records = measure_interleaved(benchmark, entries, device, rounds=5 if quick or rows >= 2048 else 15)
-        bf16_rec, fp32_rec = records[0], records[1]
-        if fp32_rec["median_s"] < bf16_rec["median_s"]:  # pair ours with the faster dense path
-            bf16_rec["backend"], fp32_rec["backend"] = "dense_bf16", "baseline"
-        for r in records:
-            r["cpu_isa"] = harness.cpu_isa()
+        harness.pair_fastest_dense(records)
         return
     for impl in ("triton", "cuda"):
         module.backend = impl

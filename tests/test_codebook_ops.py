@@ -227,8 +227,10 @@ def test_bad_inputs_are_refused_naming_the_argument():
         ops.codebook_matmul(torch.zeros(2, 31), codes, books, scales)
     with pytest.raises(TypeError, match="x must be bfloat16"):
         ops.codebook_matmul(torch.zeros(2, 32, dtype=torch.float64), codes, books, scales)
-    with pytest.raises(ValueError, match="bias must be"):
+    with pytest.raises(ValueError, match="bias must have shape"):
         ops.codebook_matmul(torch.zeros(2, 32), codes, books, scales, torch.zeros(5))
+    with pytest.raises(TypeError, match="bias must be"):
+        ops.codebook_matmul(torch.zeros(2, 32), codes, books, scales, torch.zeros(6, dtype=torch.bfloat16))
     # The native op's own checks, without the Python ones in front.
     with pytest.raises(ValueError, match="x's last dimension"):
         torch.ops.lowbit.codebook_matmul(torch.zeros(2, 31), codes, books, scales, None)

@@ -25,16 +25,6 @@ constexpr int64_t kLutMaxRowsBeforeAmx = 2;
 // Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
 constexpr int64_t kTileRows = 256;
 
-template <typename Fn>
-auto dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(Type<float>{});
-    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
-    case at::kHalf: return fn(Type<c10::Half>{});
-    default: TORCH_CHECK_TYPE(false, "expected bfloat16, float16 or float32, got ", dtype_name(dtype));
-  }
-}
-
 // The layer as the kernels read it; holds the fp32 copies its pointers point into.
 struct LayerView {
   at::Tensor codes, books, scales;
@@ -91,7 +81,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& codebooks, const 
   const int64_t tile = std::min<int64_t>(N, kTileRows);
   const int64_t tiles = (N + tile - 1) / tile;
   const bool inference = c10::InferenceMode::is_enabled();
-  dispatch_float(x.scalar_type(), [&](auto type) {
+  dispatch_float_dtype(x.scalar_type(), "x", [&](auto type) {
     using T = typename decltype(type)::type;
     T* out = y.data_ptr<T>();
     const T* tab = table.defined() ? table.const_data_ptr<T>() : nullptr;
@@ -170,7 +160,7 @@ at::Tensor codebook_dequantize_cpu(const at::Tensor& codes, const at::Tensor& co
   const LayerView view(codes, codebooks, scales);
   const int64_t N = view.layer.N, K = view.layer.G * view.layer.g;
   at::Tensor w = at::empty({N, K}, codes.options().dtype(dtype));
-  dispatch_float(dtype, [&](auto type) {
+  dispatch_float_dtype(dtype, "dtype", [&](auto type) {
     using T = typename decltype(type)::type;
     T* out = w.data_ptr<T>();
     at::parallel_for(0, N, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(K, 1)), [&](int64_t n0, int64_t n1) {

@@ -52,9 +52,10 @@ inline void check_matmul(const at::Tensor& x, const at::Tensor& codes, const at:
                     "group_size = ", codes.size(1) * codebooks.size(3), ", got ", x.size(1));
   TORCH_CHECK_VALUE(x.device() == codes.device(), "x is on ", x.device(), ", codes on ", codes.device());
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->dim() == 1 && bias->size(0) == codes.size(0),
-                      "bias must be ", dtype_name(x.scalar_type()), " [", codes.size(0), "], got ",
-                      dtype_name(bias->scalar_type()), " of shape ", bias->sizes());
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must be ", dtype_name(x.scalar_type()),
+                     " (x's dtype), got ", dtype_name(bias->scalar_type()));
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == codes.size(0), "bias must have shape [", codes.size(0),
+                      "], got ", bias->sizes());
     TORCH_CHECK_VALUE(bias->device() == x.device(), "bias is on ", bias->device(), ", x on ", x.device());
   }
 }

@@ -28,6 +28,18 @@ struct Type {
   using type = T;
 };
 
+// Calls fn(Type<T>{}) with the C++ type of a float dtype (float, c10::BFloat16, c10::Half); any
+// other dtype is a TypeError naming the argument `name`.
+template <typename Fn>
+auto dispatch_float_dtype(at::ScalarType dtype, const char* name, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(Type<float>{});
+    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
+    case at::kHalf: return fn(Type<c10::Half>{});
+    default: TORCH_CHECK_TYPE(false, name, " must be bfloat16, float16 or float32, got ", dtype_name(dtype));
+  }
+}
+
 inline void check_bits(int64_t bits) {
   TORCH_CHECK_VALUE(bits == 1 || bits == 2 || bits == 4 || bits == 8,
               "bits must be one of 1, 2, 4, 8, got ", bits);

@@ -17,17 +17,6 @@
 namespace lowbit {
 namespace {
 
-// Calls fn(Type<T>{}) with the C++ type of x's dtype (float, c10::BFloat16, c10::Half).
-template <typename Fn>
-auto dispatch_int8_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(Type<float>{});
-    case at::kBFloat16: return fn(Type<c10::BFloat16>{});
-    case at::kHalf: return fn(Type<c10::Half>{});
-    default: TORCH_CHECK_TYPE(false, "x must be bfloat16, float16 or float32, got ", dtype);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_prepass_cpu(
     const at::Tensor& x_in, const at::Tensor& static_mask_in, const at::Tensor& static_idx_in, double threshold) {
   int8_checks::check_prepass(x_in, static_mask_in, static_idx_in);
@@ -38,7 +27,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> int8_prepass_cpu(
   at::Tensor row_scale = at::empty({M}, x.options().dtype(at::kFloat));
   at::Tensor col_flags = at::empty({K}, x.options().dtype(at::kByte));
   at::Tensor x_static = at::empty({M, S}, x.options());
-  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+  dispatch_float_dtype(x.scalar_type(), "x", [&](auto type) {
     using T = typename decltype(type)::type;
     cpu::int8::prepass<T>(x.const_data_ptr<T>(), M, K, static_mask.const_data_ptr<uint8_t>(),
                           static_idx.const_data_ptr<int32_t>(), S, static_cast<float>(threshold),
@@ -98,7 +87,7 @@ at::Tensor int8_epilogue_cpu(const at::Tensor& acc_in, const at::Tensor& row_sca
   const at::Tensor acc = acc_in.contiguous();
   const EpilogueInputs in(row_scale, weight_scale_in, dyn_x_in, dyn_w_in, x_static, static_weight);
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
+  dispatch_float_dtype(x_static.scalar_type(), "x", [&](auto type) {
     using T = typename decltype(type)::type;
     const auto run = [&](auto* acc_ptr) {
       cpu::int8::epilogue(acc_ptr, M, N, in.row_scale.const_data_ptr<float>(), in.weight_scale.const_data_ptr<float>(),
@@ -286,7 +275,7 @@ at::Tensor gemm_epilogue(const at::Tensor& xq, const at::Tensor& weight, const a
   const float* ws = in.weight_scale.const_data_ptr<float>();
   const float* b = bias.const_data_ptr<float>();
   const cpu::int8::Side dyn = in.dyn, stat = in.stat;
-  dispatch_int8_dtype(x_static.scalar_type(), [&](auto type) {
+  dispatch_float_dtype(x_static.scalar_type(), "x", [&](auto type) {
     using T = typename decltype(type)::type;
     T* out = y.data_ptr<T>();
     const cpu::int8::AmxBlockFn finish = [&](int64_t m0, int64_t rows, int64_t n0, int64_t cols, const int32_t* c,
@@ -335,7 +324,7 @@ at::Tensor int8_gemv_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, co
   at::Tensor y = at::empty({M, N}, x.options());
   const at::Tensor extra = static_product(x.index_select(1, static_idx.to(at::kLong)), static_weight);
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
-  dispatch_int8_dtype(x.scalar_type(), [&](auto type) {
+  dispatch_float_dtype(x.scalar_type(), "x", [&](auto type) {
     using T = typename decltype(type)::type;
     cpu::int8::gemv<T>(x.const_data_ptr<T>(), M, K, weight.const_data_ptr<int8_t>(), N,
                        weight_scale.const_data_ptr<float>(), ptr_or_null<float>(extra), ptr_or_null<T>(bias),

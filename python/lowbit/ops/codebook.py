@@ -73,8 +73,10 @@ def check_matmul(x, codes, codebooks, scales, bias) -> None:
     if x.shape[1] != groups * g:
         raise ValueError(f"x's last dimension must be in_groups * group_size = {groups} * {g} = {groups * g}, got "
                          f"{x.shape[1]}")
-    if bias is not None and (bias.dtype != x.dtype or list(bias.shape) != [out]):
-        raise ValueError(f"bias must be {_name(x.dtype)} [{out}], got {_name(bias.dtype)} of shape {list(bias.shape)}")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"bias must be {_name(x.dtype)} (x's dtype), got {_name(bias.dtype)}")
+    if bias is not None and list(bias.shape) != [out]:
+        raise ValueError(f"bias must have shape [{out}], got {list(bias.shape)}")
     _check_devices("x, codes, codebooks, scales and bias", (x, codes, codebooks, scales, bias))
 
 
