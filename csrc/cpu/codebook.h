@@ -41,8 +41,9 @@ void decode_table_rows(const Layer& w, const T* table, int64_t n0, int64_t n1, T
 // Whether matmul_amx_bf16 runs: AMX-BF16 and the tile state (int8_gemm.h, amx_available).
 bool amx_bf16_available();
 
-// y [M, N] (bf16) = x [M, K] (bf16) @ W^T on AMX tiles, W decoded through `table` as
-// decode_table_rows does (every configuration but two codebooks of 16-bit codes), then each column
+// y [M, N] (bf16) = x [M, K] (bf16) @ W^T on AMX tiles, W decoded as decode_table_rows does (from
+// the fp32 codebooks for 8-bit codes, through `table` at the edges and for 16-bit codes; every
+// configuration but two codebooks of 16-bit codes), then each column
 // scaled by scales[n], plus bias[n] (fp32, or null), rounded once to bf16.
 void matmul_amx_bf16(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16* table, const float* bias,
                      c10::BFloat16* y);

@@ -7,9 +7,12 @@
 // 32 x 32 block through the epilogue (the row's scale, the bias, the cast to bf16).
 //
 // Decoding one B tile (32 input features x 16 output rows, as 16 rows of 16 feature pairs): for
-// each of its 16 output rows, the 32 / g codewords of its groups are copied from the decode table
-// (W without its scales, bf16, one row of g values per combined index) into one 64-byte register,
-// 16 feature pairs; a 16 x 16 transpose of 32-bit pairs then gives the tile's rows.
+// each of its 16 output rows, the 32 / g groups are summed from the fp32 codebooks in registers
+// (8-bit codes: the codebooks stay in L1) or copied from the decode table (16-bit codes: W without
+// its scales, bf16, one row of g values per code) into one 64-byte register of 16 feature pairs; a
+// 16 x 16 transpose of 32-bit pairs then gives the tile's rows. Decoding is what this kernel spends
+// most of its time on up to about 64 rows of x (measured: a transpose-free variant that multiplies
+// y^T = W x^T, W as the A operand, was no faster).
 #include "codebook.h"
 
 #include <c10/util/BFloat16.h>
