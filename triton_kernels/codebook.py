@@ -39,6 +39,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from lowbit.ops._contract import finish_triton
+from lowbit.triton_kernels.tiles import grouped_tile
 from lowbit.ops.codebook import check_dequantize, check_matmul, check_nearest
 
 _GEMV_MAX_M = 16  # batches up to this many rows take the gemv kernel
@@ -210,14 +211,7 @@ def _codebook_matmul_kernel(
 ):
     # Program pid owns the output tile (pid_m, pid_n); GROUP_M consecutive row tiles walk the
     # column tiles together, so the codes of a weight tile are read from L2 by GROUP_M programs.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * tiles_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     BLOCK_K: tl.constexpr = BLOCK_G * G
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from lowbit.ops._contract import finish_triton
+from lowbit.triton_kernels.tiles import grouped_tile
 from lowbit.ops.int8 import check_gemv, check_linear, check_matmul, check_prepass
 from lowbit.reference.int8 import fp32_threshold
 
@@ -243,14 +244,7 @@ def _int8_matmul_kernel(
 ):
     # Program pid owns the output tile (pid_m, pid_n); GROUP_M consecutive row tiles walk the
     # column tiles together, so a weight tile is read from L2 by GROUP_M programs in a row.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * tiles_n
-    first_m = (pid // group) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_m
-    pid_n = (pid % group) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

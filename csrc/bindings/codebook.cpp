@@ -25,6 +25,14 @@ constexpr int64_t kLutMaxRowsBeforeAmx = 2;
 // Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
 constexpr int64_t kTileRows = 256;
 
+// t as contiguous fp32: t itself when it is, else a copy made once per tensor (codebooks, scales
+// and bias are a layer's fixed tensors: converting them in every call would redo the same work).
+at::Tensor as_float(const at::Tensor& t) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) return t;
+  static PerWeight<at::Tensor> kept;
+  return kept.get(t, [](const at::Tensor& v) { return v.to(at::kFloat).contiguous(); });
+}
+
 // The layer as the kernels read it; holds the fp32 copies its pointers point into.
 struct LayerView {
   at::Tensor codes, books, scales;
@@ -32,8 +40,8 @@ struct LayerView {
 
   LayerView(const at::Tensor& codes_in, const at::Tensor& codebooks, const at::Tensor& scales_in) {
     codes = codes_in.contiguous();
-    books = codebooks.to(at::kFloat).contiguous();
-    scales = scales_in.to(at::kFloat).contiguous();
+    books = as_float(codebooks);
+    scales = as_float(scales_in);
     layer.N = codes.size(0);
     layer.G = codes.size(1);
     layer.C = codes.size(2);
@@ -58,7 +66,7 @@ at::Tensor decode_table(const at::Tensor& codebooks, at::ScalarType dtype) {
   static PerWeight<at::Tensor> kept[3];
   const int slot = dtype == at::kFloat ? 0 : dtype == at::kBFloat16 ? 1 : 2;
   return kept[slot].get(codebooks, [dtype](const at::Tensor& books) {
-    const at::Tensor b = books.select(2, 0).to(at::kFloat);  // [C, E, g]
+    const at::Tensor b = as_float(books).select(2, 0);  // [C, E, g]
     if (books.size(0) == 1) return b[0].to(dtype).contiguous();
     const at::Tensor sums = (b[0].unsqueeze(0) + b[1].unsqueeze(1));  // [b, a, g]: entry a + 256 b
     return sums.reshape({-1, books.size(3)}).to(dtype).contiguous();
@@ -76,7 +84,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& codebooks, const 
   const int64_t M = x.size(0), N = w.N, K = w.G * w.g;
   at::Tensor y = at::empty({M, N}, x.options());
   const at::Tensor table = decode_table(codebooks, x.scalar_type());
-  const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
   const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
   const int64_t tile = std::min<int64_t>(N, kTileRows);
   const int64_t tiles = (N + tile - 1) / tile;
@@ -134,7 +142,7 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, 
     // The tables are one small fp32 GEMM: x's groups [M * G, g] times every codeword [C * 256, g].
     const int64_t g = view.layer.g;
     const at::Tensor lut = at::mm(x.to(at::kFloat).reshape({-1, g}), view.books.reshape({-1, g}).t());
-    const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
     cpu::codebook::lut_matmul(lut.const_data_ptr<float>(), M, view.layer,
                               bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
@@ -142,7 +150,7 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, 
   }
   if (amx) {
     const at::Tensor table = decode_table(codebooks, at::kBFloat16);
-    const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
     at::Tensor y = at::empty({M, N}, x.options());
     cpu::codebook::matmul_amx_bf16(x.const_data_ptr<c10::BFloat16>(), M, view.layer,
                                    table.const_data_ptr<c10::BFloat16>(), bf.defined() ? bf.const_data_ptr<float>() : nullptr,

@@ -40,8 +40,7 @@ namespace generic {
 #undef LOWBIT_CODEBOOK_ISA
 }  // namespace generic
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define LOWBIT_HAVE_AVX512_BUILD 1
+#if defined(__x86_64__) && defined(__GNUC__)  // the builds LOWBIT_ISA_CALL (isa.h) calls
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
@@ -58,20 +57,13 @@ namespace avx2 {
 #undef LOWBIT_CODEBOOK_ISA
 }  // namespace avx2
 #pragma GCC pop_options
-#define LOWBIT_CODEBOOK_CALL(fn, ...)                                                         \
-  (cpu_isa() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__)                                        \
-   : cpu_isa() == Isa::kAvx2 ? avx2::fn(__VA_ARGS__)                                          \
-                             : generic::fn(__VA_ARGS__))
-#else
-#define LOWBIT_CODEBOOK_CALL(fn, ...) generic::fn(__VA_ARGS__)
 #endif
 
-// [C][E][g] -> [C][g][E]
-std::vector<float> transpose_books(const float* books, int64_t C, int64_t E, int64_t g) {
-  std::vector<float> t(static_cast<size_t>(C * E * g));
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t k = 0; k < g; ++k) t[(c * g + k) * E + e] = books[(c * E + e) * g + k];
+// A codebook [E][g] transposed to [g][E], so that the search's loop over entries is contiguous.
+std::vector<float> transposed(const float* book, int64_t E, int64_t g) {
+  std::vector<float> t(static_cast<size_t>(E * g));
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t k = 0; k < g; ++k) t[k * E + e] = book[e * g + k];
   return t;
 }
 
@@ -89,7 +81,7 @@ void lut_matmul(const float* lut, int64_t M, const Layer& w, const float* bias, 
   {
     const int t = omp_get_thread_num(), count = omp_get_num_threads();
     const int64_t n0 = N * t / count, n1 = N * (t + 1) / count;
-    LOWBIT_CODEBOOK_CALL(gather_rows, lut, static_cast<int>(M), G * C, w.codes8, N, n0, n1, acc);
+    LOWBIT_ISA_CALL(gather_rows, lut, static_cast<int>(M), G * C, w.codes8, N, n0, n1, acc);
   }
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
@@ -100,17 +92,17 @@ void lut_matmul(const float* lut, int64_t M, const Layer& w, const float* bias, 
 
 template <typename T>
 void decode_rows(const Layer& w, int64_t n0, int64_t n1, T* out) {
-  LOWBIT_CODEBOOK_CALL(decode_rows<T>, w, n0, n1, out);
+  LOWBIT_ISA_CALL(decode_rows<T>, w, n0, n1, out);
 }
 
 template <typename T>
 void decode_table_rows(const Layer& w, const T* table, int64_t n0, int64_t n1, T* out) {
-  LOWBIT_CODEBOOK_CALL(decode_table_rows<T>, w, table, n0, n1, out);
+  LOWBIT_ISA_CALL(decode_table_rows<T>, w, table, n0, n1, out);
 }
 
 void nearest(const float* points, const float* weights, int64_t P, int64_t g, const float* book, int64_t E,
              int32_t* out) {
-  const std::vector<float> book_t = transpose_books(book, 1, E, g);
+  const std::vector<float> book_t = transposed(book, E, g);
   const int64_t blocks = (P + kNearestBlock - 1) / kNearestBlock;
   const int threads = P * E * g >= (1 << 16) ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(threads)
@@ -123,9 +115,9 @@ void nearest(const float* points, const float* weights, int64_t P, int64_t g, co
       std::fill(best, best + kNearestBlock, std::numeric_limits<float>::infinity());
       std::fill(out + p0, out + p0 + count, 0);
       for (int64_t e0 = 0; e0 < E; e0 += kNearestWidth) {
-        LOWBIT_CODEBOOK_CALL(nearest_block, points + p0 * g, weights != nullptr ? weights + p0 * g : nullptr, count,
-                             g, book_t.data(), E, e0, std::min(E, e0 + kNearestWidth), dist.data(), best,
-                             out + p0);
+        LOWBIT_ISA_CALL(nearest_block, points + p0 * g, weights != nullptr ? weights + p0 * g : nullptr, count,
+                        g, book_t.data(), E, e0, std::min(E, e0 + kNearestWidth), dist.data(), best,
+                        out + p0);
       }
     }
   }

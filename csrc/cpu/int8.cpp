@@ -59,23 +59,15 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-// The build of cpu_isa() (isa.h). -ffp-contract=off keeps every build's arithmetic the same, so
-// the paths differ in speed only.
-#ifdef LOWBIT_HAVE_AVX512_BUILD
-#define LOWBIT_INT8_CALL(fn, ...)                                                             \
-  (cpu_isa() == Isa::kAvx512 ? avx512::fn(__VA_ARGS__)                                        \
-   : cpu_isa() == Isa::kAvx2 ? avx2::fn(__VA_ARGS__)                                          \
-                             : generic::fn(__VA_ARGS__))
-#else
-#define LOWBIT_INT8_CALL(fn, ...) generic::fn(__VA_ARGS__)
-#endif
+// The builds are called through LOWBIT_ISA_CALL (isa.h). -ffp-contract=off keeps every build's
+// arithmetic the same, so the paths differ in speed only.
 
 }  // namespace
 
 template <typename T>
 void prepass(const T* x, int64_t M, int64_t K, const uint8_t* static_mask, const int32_t* static_idx, int64_t S,
              float threshold, int8_t* xq, float* row_scale, uint8_t* col_flags, T* x_static) {
-  LOWBIT_INT8_CALL(prepass<T>, x, M, K, static_mask, static_idx, S, threshold, xq, row_scale, col_flags, x_static);
+  LOWBIT_ISA_CALL(prepass<T>, x, M, K, static_mask, static_idx, S, threshold, xq, row_scale, col_flags, x_static);
 }
 
 template <typename Acc, typename T>
@@ -93,7 +85,7 @@ void epilogue(const Acc* acc, int64_t M, int64_t N, const float* row_scale, cons
 template <typename T>
 void epilogue_block(const int32_t* c, int64_t ldc, int64_t m0, int64_t rows, int64_t n0, int64_t cols, int64_t N,
                     const float* row_scale, const float* weight_scale, Side dyn, Side stat, const float* bias, T* y) {
-  LOWBIT_INT8_CALL(epilogue_block<T>, c, ldc, m0, rows, n0, cols, N, row_scale, weight_scale, dyn, stat, bias, y);
+  LOWBIT_ISA_CALL(epilogue_block<T>, c, ldc, m0, rows, n0, cols, N, row_scale, weight_scale, dyn, stat, bias, y);
 }
 
 template <typename T>

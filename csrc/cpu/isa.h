@@ -22,3 +22,15 @@ Isa cpu_isa();
 const char* isa_name(Isa isa);
 
 }  // namespace lowbit::cpu
+
+// Calls the build of fn for cpu_isa(): a kernel file compiles its loops (a .inc) once per ISA,
+// into namespaces generic, avx2 and avx512 (the last two with their target options, on x86-64
+// with GCC or Clang), and calls them through this.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define LOWBIT_ISA_CALL(fn, ...)                                                                             \
+  (::lowbit::cpu::cpu_isa() == ::lowbit::cpu::Isa::kAvx512 ? avx512::fn(__VA_ARGS__)                         \
+   : ::lowbit::cpu::cpu_isa() == ::lowbit::cpu::Isa::kAvx2 ? avx2::fn(__VA_ARGS__)                           \
+                                                          : generic::fn(__VA_ARGS__))
+#else
+#define LOWBIT_ISA_CALL(fn, ...) generic::fn(__VA_ARGS__)
+#endif
