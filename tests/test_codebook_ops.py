@@ -145,6 +145,20 @@ def test_nearest_breaks_ties_toward_the_lower_index_and_handles_many_entries():
     assert ops.codebook_nearest(big[pick].clone(), big, backend="cpu").tolist() == pick.tolist()
 
 
+def test_nearest_with_non_finite_inputs_chooses_as_the_reference():
+    """A NaN distance (a NaN point or weight, inf against inf) is the minimum, the first one, as
+    torch.argmin makes it; nothing reads out of range."""
+    gen = torch.Generator().manual_seed(8)
+    points, book = torch.randn(40, 8, generator=gen), torch.randn(2000, 8, generator=gen)
+    points[3, 2] = float("nan")
+    points[7, 0] = float("inf")
+    book[1500, 0] = float("inf")
+    weights = torch.rand(40, 8, generator=gen)
+    weights[11, 5] = float("nan")
+    for w in (None, weights):
+        assert torch.equal(ops.codebook_nearest(points, book, w, backend="cpu"), ref.nearest(points, w, book))
+
+
 # -- every ISA build, opcheck, argument checks ------------------------------------------------
 def _host_isas():
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()

@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -103,6 +104,11 @@ void decode_table_rows(const Layer& w, const T* table, int64_t n0, int64_t n1, T
 void nearest(const float* points, const float* weights, int64_t P, int64_t g, const float* book, int64_t E,
              int32_t* out) {
   const std::vector<float> book_t = transposed(book, E, g);
+  // Whether every input is finite: then no distance is NaN, and the search skips looking for one.
+  const auto all_finite = [](const float* v, int64_t n) {
+    return v == nullptr || std::all_of(v, v + n, [](float f) { return std::isfinite(f); });
+  };
+  const bool finite = all_finite(points, P * g) && all_finite(weights, P * g) && all_finite(book, E * g);
   const int64_t blocks = (P + kNearestBlock - 1) / kNearestBlock;
   const int threads = P * E * g >= (1 << 16) ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(threads)
@@ -116,7 +122,7 @@ void nearest(const float* points, const float* weights, int64_t P, int64_t g, co
       std::fill(out + p0, out + p0 + count, 0);
       for (int64_t e0 = 0; e0 < E; e0 += kNearestWidth) {
         LOWBIT_ISA_CALL(nearest_block, points + p0 * g, weights != nullptr ? weights + p0 * g : nullptr, count,
-                        g, book_t.data(), E, e0, std::min(E, e0 + kNearestWidth), dist.data(), best,
+                        g, book_t.data(), E, e0, std::min(E, e0 + kNearestWidth), finite, dist.data(), best,
                         out + p0);
       }
     }

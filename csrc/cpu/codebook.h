@@ -50,7 +50,7 @@ void matmul_amx_bf16(const c10::BFloat16* x, int64_t M, const Layer& w, const c1
 
 // For each of P points [P, g] (fp32), the index of the codebook entry [E, g] with the least
 // weighted squared distance sum_t weights[p, t] (p_t - c_t)^2 (weights null: ones), lowest index
-// on ties.
+// on ties; a NaN distance (from non-finite inputs) wins, the first one, as torch.argmin has it.
 void nearest(const float* points, const float* weights, int64_t P, int64_t g, const float* book, int64_t E,
              int32_t* out);
 
