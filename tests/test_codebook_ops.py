@@ -55,7 +55,7 @@ def check_product(x, codes, books, scales, bias, backend="cpu"):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "%dx%d-g%d" % c)
 @pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
-@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 300])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16, 17, 32, 33, 300])
 def test_matmul_matches_reference(config, dtype, rows):
     groups = 3 if config[1] == 16 else 33
     codes, books, scales = layer(97, groups, config)

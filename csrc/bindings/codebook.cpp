@@ -18,10 +18,11 @@ namespace {
 
 // Up to this many rows, 8-bit codes take the lookup-table product: its cost grows with the rows
 // (one table and one lookup per code per row), the decoded tiles' with the weight. Where the AMX
-// product runs (bf16 inputs, AMX hosts) it is faster from 3 rows (4096 x 4096, 2x8, Xeon with AMX:
-// 1.5 vs 1.5-2.0 ms at 2 rows, 2.5 vs 1.5 ms at 3); elsewhere the tables run up to 4 rows.
+// product runs (bf16 inputs, AMX hosts) it is faster from 2 rows (4096 x 4096, 2x8, Xeon with AMX,
+// 2 threads: tables 0.57 ms at 1 row and 1.45 ms at 2, AMX 0.9-1.0 ms at 1-16 rows); elsewhere the
+// tables run up to 4 rows.
 constexpr int64_t kLutMaxRows = 4;
-constexpr int64_t kLutMaxRowsBeforeAmx = 2;
+constexpr int64_t kLutMaxRowsBeforeAmx = 1;
 // Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
 constexpr int64_t kTileRows = 256;
 

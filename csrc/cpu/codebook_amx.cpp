@@ -1,18 +1,23 @@
 // The codebook product on AMX (bf16 tiles), for bf16 inputs on CPUs with AMX-BF16 (codebook.h).
 //
-// W's tiles are decoded from the codes as the product needs them, never stored whole: a task owns a
-// block of panels of 32 output rows of W (~1 MB of decoded bf16), decodes them into B tiles in a
-// per-thread buffer (in L2), then runs every 32-row block of x over them, 2 x 2 tiles at a time
-// (tdpbf16ps: 16 x 32 bf16 of x times 32 x 16 of W into 16 x 16 fp32), and writes each finished
-// 32 x 32 block through the epilogue (the row's scale, the bias, the cast to bf16).
+// W's tiles are decoded from the codes as the product needs them, never stored whole. Up to 32 rows
+// of x, a task owns a panel of 32 output rows and, step by step along K, decodes the step's two B
+// tiles into an L1 buffer and multiplies them at once (2 KB of W in flight). Above 32 rows, a task
+// owns a block of panels (~1 MB of decoded bf16), decodes them into B tiles in a per-thread buffer
+// (in L2), then runs every 32-row block of x over them. Either way 2 x 2 tiles at a time
+// (tdpbf16ps: 16 x 32 bf16 of x times 32 x 16 of W into 16 x 16 fp32), and each finished 32 x 32
+// block goes through the epilogue (the column's scale, the bias, the cast to bf16).
 //
 // Decoding one B tile (32 input features x 16 output rows, as 16 rows of 16 feature pairs): for
-// each of its 16 output rows, the 32 / g groups are summed from the fp32 codebooks in registers
-// (8-bit codes: the codebooks stay in L1) or copied from the decode table (16-bit codes: W without
-// its scales, bf16, one row of g values per code) into one 64-byte register of 16 feature pairs; a
-// 16 x 16 transpose of 32-bit pairs then gives the tile's rows. Decoding is what this kernel spends
-// most of its time on up to about 64 rows of x (measured: a transpose-free variant that multiplies
-// y^T = W x^T, W as the A operand, was no faster).
+// each of its 16 output rows, the 32 / g groups are copied from the decode table (W without its
+// scales, bf16, one row of g values per combined code) or, in the blocked path for 8-bit codes,
+// summed from the fp32 codebooks in registers (the table would share L2 with the 1 MB block), into
+// one 64-byte register of 16 feature pairs; a 16 x 16 transpose of 32-bit pairs then gives the
+// tile's rows. Decoding is what this kernel spends most of its time on up to about 64 rows of x.
+// Measured on a Xeon with AMX, 4096 x 4096, 2x8, 2 threads, up to 32 rows: the table in the
+// step-by-step path took 0.9-1.0 ms against 1.2-1.4 ms summing in registers (1x8, whose table sits
+// in L1: 0.6 ms); a transpose-free variant (y^T = W x^T, W as the A operand) and prefetching the
+// next steps' table lines were no faster.
 #include "codebook.h"
 
 #include <c10/util/BFloat16.h>
@@ -55,8 +60,9 @@ inline int64_t group_index(const Layer& w, int64_t n, int64_t j) {
   if constexpr (k16) {
     return w.codes16[n * w.G + j];
   } else if constexpr (C == 2) {
-    const uint8_t* at = w.codes8 + (n * w.G + j) * 2;
-    return at[0] | (static_cast<int64_t>(at[1]) << 8);
+    uint16_t v;  // codes a, b as one little-endian word: a + 256 b
+    memcpy(&v, w.codes8 + (n * w.G + j) * 2, 2);
+    return v;
   } else {
     return w.codes8[n * w.G + j];
   }
@@ -64,6 +70,11 @@ inline int64_t group_index(const Layer& w, int64_t n, int64_t j) {
 
 #pragma GCC push_options
 #pragma GCC target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+// gcc 12's intrinsics leave the upper half of a widened register undefined on purpose
+// (_mm512_castsi256_si512), which its own -Wuninitialized then reports once per use.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 // 16 x 16 transpose of 32-bit elements: r[i] holds row i on entry, column i on exit.
 inline void transpose16(__m512i r[16]) {
@@ -95,8 +106,7 @@ inline void transpose16(__m512i r[16]) {
 
 // Row n's 32 features from step j0 (the first group) of 8-bit codes, summed from the fp32
 // codebooks (kept in L1: 8 KB each) as the decode table would hold them, rounded to bf16 once:
-// 16 feature pairs in one register. Two codebooks' 256 x 256 sums would be a 1 MB table, whose
-// lookups miss L2 on every other group.
+// 16 feature pairs in one register.
 template <int C, int G>
 inline __m512i decode_row_books(const Layer& w, int64_t n, int64_t j0) {
   const uint8_t* code = w.codes8 + (n * w.G + j0) * C;
@@ -124,7 +134,7 @@ inline __m512i decode_row_books(const Layer& w, int64_t n, int64_t j0) {
 }
 
 // One B tile: output rows n0..n0+15, features s * 32 .. + 31, into dst (16 rows of 64 bytes).
-template <int C, bool k16, int G>
+template <int C, bool k16, int G, bool kTable>
 inline void decode_tile(const Layer& w, const c10::BFloat16* table, int64_t n0, int64_t s, int8_t* dst) {
   const int64_t K = w.G * G, k0 = s * kStep;
   constexpr int kGroups = kStep / G;
@@ -134,7 +144,7 @@ inline void decode_tile(const Layer& w, const c10::BFloat16* table, int64_t n0, 
     // store forwarding (one 64-byte load over four 16-byte stores).
     for (int c = 0; c < 16; ++c) {
       const int64_t j0 = k0 / G;
-      if constexpr (!k16) {
+      if constexpr (!kTable) {
         r[c] = decode_row_books<C, G>(w, n0 + c, j0);
       } else if constexpr (G == 8) {
         const auto part = [&](int q) {
@@ -164,13 +174,13 @@ inline void decode_tile(const Layer& w, const c10::BFloat16* table, int64_t n0, 
   for (int i = 0; i < 16; ++i) _mm512_store_si512(dst + i * 64, r[i]);
 }
 
-template <int C, bool k16, int G>
+template <int C, bool k16, int G, bool kTable>
 void decode_block(const Layer& w, const c10::BFloat16* table, int64_t p0, int64_t p1, int64_t steps, int8_t* dst) {
   for (int64_t p = p0; p < p1; ++p) {
     for (int64_t s = 0; s < steps; ++s) {
       int8_t* out = dst + ((p - p0) * steps + s) * 2 * kTileBytes;
-      decode_tile<C, k16, G>(w, table, p * kPanel, s, out);
-      decode_tile<C, k16, G>(w, table, p * kPanel + 16, s, out + kTileBytes);
+      decode_tile<C, k16, G, kTable>(w, table, p * kPanel, s, out);
+      decode_tile<C, k16, G, kTable>(w, table, p * kPanel + 16, s, out + kTileBytes);
     }
   }
 }
@@ -198,9 +208,57 @@ inline void block(const int8_t* a, const int8_t* b, int64_t steps, float* c) {
   _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
+// Up to 32 rows of x (`two`: more than 16): panel n0's 32 output columns into c (rows 32 fp32 apart),
+// each step's two B tiles decoded through the table into an L1 buffer (two, alternating) and
+// multiplied at once. The table is read even for two 8-bit codebooks (1 MB, in L2 here: nothing
+// else is kept there): one 16-byte copy per group, against a sum and a conversion in registers.
+template <int C, bool k16, int G>
+inline void stream_panel(const Layer& w, const c10::BFloat16* table, const int8_t* a, int64_t steps, int64_t n0,
+                         bool two, int8_t* buf, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    int8_t* b = buf + (s & 1) * 2 * kTileBytes;
+    decode_tile<C, k16, G, true>(w, table, n0, s, b);
+    decode_tile<C, k16, G, true>(w, table, n0 + 16, s, b + kTileBytes);
+    _tile_loadd(4, a + s * 2048, 64);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b + kTileBytes, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two) {
+      _tile_loadd(5, a + s * 2048 + 1024, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  if (two) {
+    _tile_stored(2, c + 16 * 32, 128);
+    _tile_stored(3, c + 16 * 32 + 16, 128);
+  }
+}
+
 void release() { _tile_release(); }
 
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
+
+// The epilogue of a finished block c (rows x cols, rows 32 fp32 apart) of output columns n0.. into y
+// (rows N apart): each column's scale, the bias, one rounding to bf16.
+inline void finish(const float* c, int64_t rows, int64_t cols, const Layer& w, const float* bias, int64_t n0,
+                   c10::BFloat16* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    c10::BFloat16* out = y + r * w.N;
+    for (int64_t i = 0; i < cols; ++i) {
+      const float v = c[r * 32 + i] * w.scales[n0 + i];
+      out[i] = static_cast<c10::BFloat16>(bias != nullptr ? v + bias[n0 + i] : v);
+    }
+  }
+}
 
 template <int C, bool k16, int G>
 void run(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16* table, const float* bias,
@@ -221,6 +279,24 @@ void run(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16*
       if (n < kStep) memset(dst + n * 2, 0, static_cast<size_t>(kStep - n) * 2);
     }
   }
+  if (mp == 32) {  // up to 32 rows: decode each step's tiles as they are multiplied
+#pragma omp parallel
+    {
+      amx::configure_16x64();
+      Aligned<int8_t> b_tiles;
+      Aligned<float> cbuf;
+      int8_t* const b = b_tiles.at_least(4 * kTileBytes);
+      float* const c = cbuf.at_least(32 * 32);
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < panels; ++p) {
+        const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
+        stream_panel<C, k16, G>(w, table, a, steps, n0, M > 16, b, c);
+        finish(c, M, cols, w, bias, n0, y + n0);
+      }
+      release();
+    }
+    return;
+  }
   const int64_t panel_bytes = steps * 2 * kTileBytes;
   const int64_t block_panels = std::clamp<int64_t>(kBlockBytes / panel_bytes, 1, panels);
   const int64_t blocks = (panels + block_panels - 1) / block_panels;
@@ -234,19 +310,13 @@ void run(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16*
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t p0 = blk * block_panels, p1 = std::min(panels, p0 + block_panels);
-      decode_block<C, k16, G>(w, table, p0, p1, steps, b);
+      decode_block<C, k16, G, k16>(w, table, p0, p1, steps, b);
       for (int64_t m0 = 0; m0 < mp; m0 += 32) {
         const int64_t rows = std::min<int64_t>(32, M - m0);
         for (int64_t p = p0; p < p1; ++p) {
           block(a + m0 * kp * 2, b + (p - p0) * panel_bytes, steps, c);
           const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
-          for (int64_t r = 0; r < rows; ++r) {
-            c10::BFloat16* out = y + (m0 + r) * N + n0;
-            for (int64_t i = 0; i < cols; ++i) {
-              const float v = c[r * 32 + i] * w.scales[n0 + i];
-              out[i] = static_cast<c10::BFloat16>(bias != nullptr ? v + bias[n0 + i] : v);
-            }
-          }
+          finish(c, rows, cols, w, bias, n0, y + m0 * N + n0);
         }
       }
     }
