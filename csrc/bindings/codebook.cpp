@@ -16,13 +16,15 @@
 namespace lowbit {
 namespace {
 
-// Up to this many rows, 8-bit codes take the lookup-table product: its cost grows with the rows
-// (one table and one lookup per code per row), the decoded tiles' with the weight. Where the AMX
-// product runs (bf16 inputs, AMX hosts) it is faster from 2 rows (4096 x 4096, 2x8, Xeon with AMX,
-// 2 threads: tables 0.57 ms at 1 row and 1.45 ms at 2, AMX 0.9-1.0 ms at 1-16 rows); elsewhere the
-// tables run up to 4 rows.
+// Up to this many rows, 8-bit codes take the lookup-table product (when neither of the bf16 paths
+// below runs): its cost grows with the rows (one table and one lookup per code per row), the
+// decoded tiles' with the weight.
 constexpr int64_t kLutMaxRows = 4;
-constexpr int64_t kLutMaxRowsBeforeAmx = 1;
+// bf16 x on hosts with AVX512-BF16 takes the dot product (cpu/codebook_dot.cpp) up to this many
+// rows where AMX tiles run above it, and up to kDotMaxRows elsewhere. Measured (4096 x 4096, 2x8,
+// Xeon with AMX, 2 threads, bf16 F.linear 1.0-1.1 ms): the dot product 0.52, 0.61, 0.74, 0.95 ms at
+// 1-4 rows; AMX tiles 0.9-0.95 ms at 2-16 rows; the lookup tables 0.57 ms at 1 row, 1.45 at 2.
+constexpr int64_t kDotMaxRowsBeforeAmx = 3;
 // Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
 constexpr int64_t kTileRows = 256;
 
@@ -137,9 +139,22 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, 
   if (x.size(1) == 0) {
     return bias.has_value() ? bias->unsqueeze(0).expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
   }
-  const bool amx = x.scalar_type() == at::kBFloat16 && !(view.layer.C == 2 && view.layer.codes16 != nullptr) &&
-                   cpu::codebook::amx_bf16_available();
-  if (codes.scalar_type() == at::kByte && M <= (amx ? kLutMaxRowsBeforeAmx : kLutMaxRows)) {
+  // bf16 x, and a decode table (every configuration but two codebooks of 16-bit codes): the dot
+  // product for a few rows, AMX tiles above, where the host has them.
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && !(view.layer.C == 2 && view.layer.codes16 != nullptr);
+  const bool amx = bf16 && cpu::codebook::amx_bf16_available();
+  const bool dot = bf16 && M <= (amx ? kDotMaxRowsBeforeAmx : cpu::codebook::kDotMaxRows) &&
+                   cpu::codebook::dot_bf16_available();
+  if (dot || amx) {
+    const at::Tensor table = decode_table(codebooks, at::kBFloat16);
+    const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
+    at::Tensor y = at::empty({M, N}, x.options());
+    (dot ? cpu::codebook::matmul_dot_bf16 : cpu::codebook::matmul_amx_bf16)(
+        x.const_data_ptr<c10::BFloat16>(), M, view.layer, table.const_data_ptr<c10::BFloat16>(),
+        bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>());
+    return y;
+  }
+  if (codes.scalar_type() == at::kByte && M <= kLutMaxRows) {
     // The tables are one small fp32 GEMM: x's groups [M * G, g] times every codeword [C * 256, g].
     const int64_t g = view.layer.g;
     const at::Tensor lut = at::mm(x.to(at::kFloat).reshape({-1, g}), view.books.reshape({-1, g}).t());
@@ -148,15 +163,6 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, 
     cpu::codebook::lut_matmul(lut.const_data_ptr<float>(), M, view.layer,
                               bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
     return y.to(x.scalar_type());
-  }
-  if (amx) {
-    const at::Tensor table = decode_table(codebooks, at::kBFloat16);
-    const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
-    at::Tensor y = at::empty({M, N}, x.options());
-    cpu::codebook::matmul_amx_bf16(x.const_data_ptr<c10::BFloat16>(), M, view.layer,
-                                   table.const_data_ptr<c10::BFloat16>(), bf.defined() ? bf.const_data_ptr<float>() : nullptr,
-                                   y.data_ptr<c10::BFloat16>());
-    return y;
   }
   return tiled_matmul(x, codebooks, view.layer, bias);
 }

@@ -48,6 +48,19 @@ bool amx_bf16_available();
 void matmul_amx_bf16(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16* table, const float* bias,
                      c10::BFloat16* y);
 
+// The most rows of x matmul_dot_bf16 takes.
+constexpr int64_t kDotMaxRows = 4;
+
+// Whether matmul_dot_bf16 runs: AVX512-BF16 on the host, and the AVX-512 build in use (isa.h).
+bool dot_bf16_available();
+
+// y [M, N] (bf16) = x [M, K] (bf16) @ W^T for M <= kDotMaxRows, W decoded through `table` as
+// decode_table_rows does (every configuration but two codebooks of 16-bit codes), each output row
+// of W dotted with x by vdpbf16ps (fp32 sums; subnormals flushed), then each column scaled by
+// scales[n], plus bias[n] (fp32, or null), rounded once to bf16.
+void matmul_dot_bf16(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16* table, const float* bias,
+                     c10::BFloat16* y);
+
 // For each of P points [P, g] (fp32), the index of the codebook entry [E, g] with the least
 // weighted squared distance sum_t weights[p, t] (p_t - c_t)^2 (weights null: ones), lowest index
 // on ties; a NaN distance (from non-finite inputs) wins, the first one, as torch.argmin has it.
