@@ -56,19 +56,18 @@ inline __m512i decode_step(const Layer& w, const c10::BFloat16* table, int64_t n
   constexpr int kGroups = kStep / G;
   const int64_t j0 = s * kGroups;
   if constexpr (G == 8) {
-    // Four groups; their combined codes are 16 bits each (two 8-bit codes, or one 16-bit code),
-    // or 8 bits (one 8-bit code).
-    uint64_t codes;
+    // Four groups. Combined codes of 16 bits (two 8-bit codes, or one 16-bit code) come from one
+    // 64-bit load; 8-bit codes one by one (measured faster than shifting them out of one load, on
+    // the ports the decode fills).
     int64_t e[4];
     if constexpr (k16 || C == 2) {
+      uint64_t codes;
       memcpy(&codes, k16 ? static_cast<const void*>(w.codes16 + n * w.G + j0)
                          : static_cast<const void*>(w.codes8 + (n * w.G + j0) * 2),
              8);
       for (int q = 0; q < 4; ++q) e[q] = (codes >> (16 * q)) & 0xFFFF;
     } else {
-      uint32_t c4;
-      memcpy(&c4, w.codes8 + n * w.G + j0, 4);
-      for (int q = 0; q < 4; ++q) e[q] = (c4 >> (8 * q)) & 0xFF;
+      for (int q = 0; q < 4; ++q) e[q] = w.codes8[n * w.G + j0 + q];
     }
     const auto part = [&](int q) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(table + e[q] * 8)); };
     const __m512i lo = _mm512_castsi256_si512(_mm256_set_m128i(part(1), part(0)));
