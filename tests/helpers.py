@@ -104,3 +104,33 @@ def codebook_bound(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor
     eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(x.dtype).eps
     return ((k * codes.shape[2] + k + 8) * eps32 + 2 * eps) * s + eps * want.double().abs() \
         + torch.finfo(x.dtype).smallest_normal
+
+
+def kv_attention_bound(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, scaling: float,
+                       want: torch.Tensor) -> torch.Tensor:
+    """Elementwise bound on |out - reference| for decode attention (lowbit.reference.kv.attention)
+    over fp32 keys and values [B, Hkv, T, D], computed in fp32 in any order, with the query scaled
+    before or after its dot products, and rounded once to query's dtype.
+
+    Per query and visible token t, fp32 dot products err by at most (D + 2) eps32 S_t with S_t =
+    sum_d |q_d k_td| |scaling|; every weight p_t then errs by a factor of at most exp(2 Delta) - 1
+    (Delta = 2 max_t (D + 2) eps32 S_t + 8 eps32, both sides' scores and exponentials), the
+    weighted sum by (T + 8) eps32 more: with P = sum_t p_t |v_t| (fp64), |out - want| <= 2 (exp(2
+    Delta) - 1 + (T + 8) eps32) P, and the two roundings to the output dtype add eps |want|."""
+    eps32, eps = torch.finfo(torch.float32).eps, torch.finfo(query.dtype).eps
+    b, hq, length, d = query.shape
+    hkv, t = keys.shape[1], keys.shape[2]
+    k = keys.double().repeat_interleave(hq // hkv, dim=1)
+    v = values.double().repeat_interleave(hq // hkv, dim=1)
+    q = query.double()
+    s = (q.abs() @ k.abs().transpose(-1, -2)) * abs(scaling)  # [B, Hq, L, T]
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    if mask is None:
+        pos = torch.arange(t)
+        mask = pos.unsqueeze(0) <= (t - length + torch.arange(length)).unsqueeze(1)
+    visible = mask.expand(b, hq, length, t)
+    delta = 2 * ((d + 2) * eps32 * s.masked_fill(~visible, 0)).amax(dim=-1, keepdim=True) + 8 * eps32
+    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+    weighted = p @ v.abs()
+    return 2 * (torch.expm1(2 * delta) + (t + 8) * eps32) * weighted + eps * want.double().abs() \
+        + torch.finfo(query.dtype).smallest_normal

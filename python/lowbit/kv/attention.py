@@ -26,10 +26,17 @@ DECODE_MAX_QUERIES = 16
 
 def decode_attention(query: torch.Tensor, layer: QuantizedKVLayer, mask: torch.Tensor | None,
                      scaling: float) -> torch.Tensor:
-    """softmax(query K^T * scaling + mask) V over the layer's kept tokens: query [B, Hq, L, D] (Hq a
-    multiple of the layer's KV heads), mask as ``lowbit.reference.kv.attention`` takes it over the
-    kept tokens. Returns [B, Hq, L, D] in query's dtype."""
-    return _ref.attention(query, layer.dense("keys"), layer.dense("values"), mask, scaling)
+    """softmax(query K^T * scaling + mask) V over the layer's kept tokens, read packed
+    (``lowbit::kv_decode_attention`` of the backend the layer resolved): query [B, Hq, L, D] (Hq a
+    multiple of the layer's KV heads), mask bool [1 or B, 1 or Hq, L, kept] or None (the queries
+    are the last L positions). An additive float mask takes the reference on the dequantized
+    cache. Returns [B, Hq, L, D] in query's dtype."""
+    if mask is not None and mask.dtype != torch.bool:
+        return _ref.attention(query, layer.dense("keys"), layer.dense("values"), mask, scaling)
+    p = layer.packed()
+    return layer.attention_op(query, p["k_codes"], p["k_scale"], p["k_zero"], p["v_codes"], p["v_scale"],
+                              p["v_zero"], layer.keys, layer.values, mask, layer.bits, layer.group_size,
+                              float(scaling))
 
 
 def lowbit_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -37,7 +44,8 @@ def lowbit_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      **kwargs):
     """transformers' attention-function signature; returns ([B, L, Hq, D], None)."""
     if isinstance(key, PackedKV) and isinstance(value, PackedKV) and key.layer is value.layer \
-            and query.shape[2] <= DECODE_MAX_QUERIES and dropout == 0.0 and kwargs.get("softcap") is None:
+            and query.shape[2] <= DECODE_MAX_QUERIES and dropout == 0.0 and kwargs.get("softcap") is None \
+            and query.dtype == key.dtype:
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         out = decode_attention(query, key.layer, attention_mask, scale)
         return out.transpose(1, 2).contiguous(), None

@@ -20,6 +20,7 @@ import torch
 from torch.utils._pytree import tree_map
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from lowbit.ops import op
 from lowbit.reference import kv as _ref
 from lowbit.reference.bitpack import packed_length
 
@@ -104,6 +105,8 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.batch, self.heads, self.head_dim = key_states.shape[0], key_states.shape[1], head_dim
         self.keys = key_states.new_empty((self.batch, self.heads, 0, head_dim))
         self.values = value_states.new_empty((self.batch, self.heads, 0, head_dim))
+        # The packed attention's kernel, chosen once for the layer's device (lowbit.ops' rule).
+        self.attention_op = op("kv_decode_attention", None, self.device)
         self.is_initialized = True
 
     def packed_tokens(self) -> int:

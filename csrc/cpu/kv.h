@@ -1,0 +1,42 @@
+// C++ CPU kernels of the kv family (KIVI-layout quantized KV cache; spec in
+// python/lowbit/reference/kv.py): decode attention straight from the packed blocks and the
+// residual window. Built for plain x86-64, AVX2 and AVX-512 and picked at run time (isa.h).
+#pragma once
+
+#include <stdint.h>
+
+namespace lowbit::cpu::kv {
+
+// A tensor whose data for batch row b and head h starts at p + b * sb + h * sh, laid out
+// contiguously from there (sb or sh 0 where the tensor broadcasts over that dimension).
+template <typename P>
+struct Strided {
+  const P* p = nullptr;
+  int64_t sb = 0, sh = 0;
+  const P* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
+};
+
+// One call's operands, T the model's dtype (float, c10::BFloat16, c10::Half). Per (b, kv head):
+// k_codes [nb][D][packed_length(G, bits)], k_scale / k_zero [nb][D], v_codes [nb G][packed_length(D,
+// bits)], v_scale / v_zero [nb G][D / G], k_res / v_res [r][D]. Per (b, query head): query [L][D],
+// mask [L][nb G + r] (null: query l sees tokens up to T - L + l).
+template <typename T>
+struct DecodeArgs {
+  int64_t B = 0, Hq = 0, Hkv = 0, L = 0, D = 0, G = 0, bits = 0, nb = 0, r = 0;
+  Strided<T> query;
+  Strided<uint8_t> k_codes, v_codes;
+  Strided<T> k_scale, k_zero, v_scale, v_zero, k_res, v_res;
+  Strided<bool> mask;
+  float scaling = 1.f;
+  T* out = nullptr;  // [B][Hq][L][D], contiguous
+};
+
+// out = softmax(query K^T * scaling, masked) V for every query head, each KV head's tokens read
+// once for all the query heads that share it. K and V are dequantized in fp32 (code * scale +
+// zero, as the reference does), scores and sums in fp32 with an online softmax over chunks of G
+// tokens; OpenMP over (batch row, KV head, split of the tokens), splits merged by their maxima.
+// A query that sees no token gets zeros.
+template <typename T>
+void decode_attention(const DecodeArgs<T>& a);
+
+}  // namespace lowbit::cpu::kv

@@ -1,0 +1,102 @@
+"""The kv family's ops: decode attention over a quantized layer's packed blocks and residual window
+(docs/formats.md, "kv"; spec in ``lowbit.reference.kv``)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit.ops._contract import define, op
+from lowbit.reference import kv as _ref
+from lowbit.reference.bitpack import packed_length
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+MAX_QUERIES = 64  # query tokens per call: decode steps, not prefills
+
+
+def _name(dtype):
+    return str(dtype)
+
+
+def check_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual,
+                           mask, bits, group, scaling):
+    if bits not in _ref.SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {_ref.SUPPORTED_BITS}, got {bits}")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    if query.dtype not in _FLOATS:
+        raise TypeError(f"query must be bfloat16, float16 or float32, got {_name(query.dtype)}")
+    if query.dim() != 4:
+        raise ValueError(f"query must be [batch, query heads, queries, head_dim], got shape {list(query.shape)}")
+    b, hq, length, d = query.shape
+    if length > MAX_QUERIES:
+        raise ValueError(f"query has {length} queries; decode attention takes at most {MAX_QUERIES}")
+    if k_residual.dim() != 4:
+        raise ValueError(f"k_residual must be [batch, kv heads, tokens, head_dim], got shape {list(k_residual.shape)}")
+    hkv, r = k_residual.shape[1], k_residual.shape[2]
+    if hkv < 1 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of the kv heads ({hkv})")
+    if d % group:
+        raise ValueError(f"head_dim ({d}) must be a multiple of group ({group})")
+    nb = k_codes.shape[2] if k_codes.dim() == 5 else -1
+    expected = {
+        "k_codes": (torch.uint8, (b, hkv, nb, d, packed_length(group, bits))),
+        "k_scale": (query.dtype, (b, hkv, nb, d)), "k_zero": (query.dtype, (b, hkv, nb, d)),
+        "v_codes": (torch.uint8, (b, hkv, nb * group, packed_length(d, bits))),
+        "v_scale": (query.dtype, (b, hkv, nb * group, d // group)),
+        "v_zero": (query.dtype, (b, hkv, nb * group, d // group)),
+        "k_residual": (query.dtype, (b, hkv, r, d)), "v_residual": (query.dtype, (b, hkv, r, d)),
+    }
+    given = dict(k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, v_codes=v_codes, v_scale=v_scale, v_zero=v_zero,
+                 k_residual=k_residual, v_residual=v_residual)
+    for name, (dtype, shape) in expected.items():
+        t = given[name]
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {_name(dtype)}, got {_name(t.dtype)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+        if t.device != query.device:
+            raise ValueError(f"{name} is on {t.device}, query on {query.device}")
+    if mask is not None:
+        tokens = nb * group + r
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool (True: attend), got {_name(mask.dtype)}")
+        if mask.dim() != 4 or mask.shape[0] not in (1, b) or mask.shape[1] not in (1, hq) \
+                or tuple(mask.shape[2:]) != (length, tokens):
+            raise ValueError(f"mask must be [1 or {b}, 1 or {hq}, {length}, {tokens}], got {list(mask.shape)}")
+        if mask.device != query.device:
+            raise ValueError(f"mask is on {mask.device}, query on {query.device}")
+
+
+def _fake_decode_attention(query, *rest):
+    check_decode_attention(query, *rest)
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def _reference_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual,
+                                mask, bits, group, scaling):
+    check_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, mask,
+                           bits, group, scaling)
+    keys = torch.cat([_ref.dequantize_keys(k_codes, k_scale, k_zero, bits, group, torch.float32),
+                      k_residual.float()], dim=2)
+    values = torch.cat([_ref.dequantize_values(v_codes, v_scale, v_zero, bits, group, torch.float32),
+                        v_residual.float()], dim=2)
+    return _ref.attention(query, keys, values, mask, scaling)
+
+
+define("kv_decode_attention",
+       "(Tensor query, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, Tensor v_scale, "
+       "Tensor v_zero, Tensor k_residual, Tensor v_residual, Tensor? mask, int bits, int group, float scaling) "
+       "-> Tensor",
+       fake=_fake_decode_attention, reference=_reference_decode_attention, native=("cpu",))
+
+
+def kv_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, mask,
+                        bits, group, scaling, *, backend=None):
+    """softmax(query K^T * scaling + mask) V over a quantized layer: query [B, Hq, L, D] (L up to
+    MAX_QUERIES), the packed blocks (keys per channel over ``group`` tokens, values per token over
+    ``group`` channels, ``bits`` bits; docs/formats.md "kv"), then the residual window [B, Hkv, r,
+    D]; K and V dequantized in fp32. mask: bool [1 or B, 1 or Hq, L, T] (True: attend), or None (the
+    queries are the last L positions). Query head i reads KV head i // (Hq / Hkv). Returns [B, Hq,
+    L, D] in query's dtype."""
+    return op("kv_decode_attention", backend, query.device)(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                                            k_residual, v_residual, mask, bits, group, scaling)
