@@ -36,7 +36,8 @@ at::Tensor kv_decode_attention_cpu(const at::Tensor& query_in, const at::Tensor&
                                    const at::Tensor& v_zero_in, const at::Tensor& k_res_in, const at::Tensor& v_res_in,
                                    const std::optional<at::Tensor>& mask_in, int64_t bits, int64_t group, double scaling) {
   TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, "bits must be one of 2, 4, 8, got ", bits);
-  TORCH_CHECK_VALUE(group >= 1, "group must be >= 1, got ", group);
+  TORCH_CHECK_VALUE(group >= 1 && group % (8 / bits) == 0, "group must be a positive multiple of ", 8 / bits,
+                    " (the codes a byte holds at ", bits, " bits), got ", group);
   TORCH_CHECK_VALUE(query_in.dim() == 4 && k_res_in.dim() == 4 && k_codes_in.dim() == 5,
                     "query, k_residual and k_codes must be 4-, 4- and 5-dimensional");
   const int64_t B = query_in.size(0), Hq = query_in.size(1), L = query_in.size(2), D = query_in.size(3);

@@ -8,29 +8,48 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "isa.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+// The kernels pass GCC vector types between inline functions of one build; GCC notes that their
+// ABI differs between builds, which no call across builds depends on.
+#pragma GCC diagnostic ignored "-Wpsabi"
+// gcc 12's intrinsics leave the upper half of a widened register undefined on purpose, which its
+// own -Wuninitialized then reports where the code is inlined.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 namespace lowbit::cpu::kv {
 namespace {
 
 namespace generic {
+#define LOWBIT_KV_ISA 0
 #include "kv_kernels.inc"
+#undef LOWBIT_KV_ISA
 }  // namespace generic
 
 #if defined(__x86_64__) && defined(__GNUC__)  // the builds LOWBIT_ISA_CALL (isa.h) calls
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
+#define LOWBIT_KV_ISA 2
 #include "kv_kernels.inc"
+#undef LOWBIT_KV_ISA
 }  // namespace avx512
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
+#define LOWBIT_KV_ISA 1
 #include "kv_kernels.inc"
+#undef LOWBIT_KV_ISA
 }  // namespace avx2
 #pragma GCC pop_options
 #endif
@@ -78,7 +97,8 @@ void decode_attention(const DecodeArgs<T>& a) {
       }
       const int64_t h = hk * qpg + qi / a.L, li = qi % a.L;
       T* out = a.out + ((b * a.Hq + h) * a.L + li) * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sum > 0.f ? o[d] / sum : 0.f);
+      const int64_t per = 8 / a.bits;  // acc holds each group's channels in slot order
+      for (int64_t d = 0; d < D; ++d) out[d] = static_cast<T>(sum > 0.f ? o[slot_order(d, G, per)] / sum : 0.f);
     }
   }
 }

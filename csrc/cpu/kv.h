@@ -16,6 +16,12 @@ struct Strided {
   const P* at(int64_t b, int64_t h) const { return p + b * sb + h * sh; }
 };
 
+// Channel d's place in slot order (kv_kernels.inc) within its group of G channels, P codes a byte.
+inline int64_t slot_order(int64_t d, int64_t G, int64_t P) {
+  const int64_t g0 = d / G * G, in = d - g0;
+  return g0 + (in % P) * (G / P) + in / P;
+}
+
 // One call's operands, T the model's dtype (float, c10::BFloat16, c10::Half). Per (b, kv head):
 // k_codes [nb][D][packed_length(G, bits)], k_scale / k_zero [nb][D], v_codes [nb G][packed_length(D,
 // bits)], v_scale / v_zero [nb G][D / G], k_res / v_res [r][D]. Per (b, query head): query [L][D],
@@ -35,7 +41,7 @@ struct DecodeArgs {
 // once for all the query heads that share it. K and V are dequantized in fp32 (code * scale +
 // zero, as the reference does), scores and sums in fp32 with an online softmax over chunks of G
 // tokens; OpenMP over (batch row, KV head, split of the tokens), splits merged by their maxima.
-// A query that sees no token gets zeros.
+// A query that sees no token gets zeros. Needs G a multiple of 8 / bits.
 template <typename T>
 void decode_attention(const DecodeArgs<T>& a);
 

@@ -30,8 +30,9 @@ SUPPORTED_BITS = _ref.SUPPORTED_BITS
 def check_options(bits: int, group_size: int, residual_length: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or group_size % (8 // bits):
+        raise ValueError(f"group_size must be a positive multiple of {8 // bits} (the codes a byte holds at {bits} "
+                         f"bits), got {group_size!r}")
     if (not isinstance(residual_length, int) or isinstance(residual_length, bool) or residual_length < 0
             or residual_length % group_size):
         raise ValueError(f"residual_length must be a multiple of group_size ({group_size}) and >= 0, "

@@ -21,8 +21,9 @@ def check_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_
                            mask, bits, group, scaling):
     if bits not in _ref.SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {_ref.SUPPORTED_BITS}, got {bits}")
-    if group < 1:
-        raise ValueError(f"group must be >= 1, got {group}")
+    if group < 1 or group % (8 // bits):
+        raise ValueError(f"group must be a positive multiple of {8 // bits} (the codes a byte holds at {bits} bits), "
+                         f"got {group}")
     if query.dtype not in _FLOATS:
         raise TypeError(f"query must be bfloat16, float16 or float32, got {_name(query.dtype)}")
     if query.dim() != 4:
