@@ -21,7 +21,8 @@ from helpers import kv_attention_bound
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (batch, query heads, kv heads, queries, head_dim, group, packed blocks, residual tokens)
 SHAPES = [(1, 1, 1, 1, 8, 8, 0, 3), (2, 6, 2, 1, 32, 8, 5, 0), (1, 9, 3, 1, 64, 32, 7, 17),
-          (2, 4, 4, 3, 16, 4, 9, 5), (1, 8, 2, 16, 128, 64, 3, 40), (1, 2, 1, 2, 24, 8, 70, 11)]
+          (2, 4, 4, 3, 16, 4, 9, 5), (1, 8, 2, 16, 128, 64, 3, 40), (1, 2, 1, 2, 24, 8, 70, 11),
+          (1, 4, 2, 1, 48, 48, 3, 5)]
 
 
 @pytest.fixture(autouse=True)
