@@ -1,0 +1,72 @@
+"""kv (KIVI-layout quantized KV cache): decode attention straight from the packed cache against
+scaled_dot_product_attention on the dense cache (bf16 and fp32, the faster one the baseline),
+measured side by side in this process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import harness
+from harness import Case, measure_interleaved
+from lowbit import ops
+from lowbit.reference import kv as ref
+
+# (query heads, kv heads, head_dim): SmolLM2-135M's attention, and a Llama-3-8B-like one.
+SHAPES = [(9, 3, 64), (32, 8, 128)]
+CONTEXTS = [4096, 16384, 65536]
+GROUP, RESIDUAL = 64, 128
+
+
+def _packed(k, v, bits):
+    """The cache of k, v [1, Hkv, T, D] as QuantizedKVCache keeps it: whole blocks beyond the
+    newest RESIDUAL tokens packed, the rest as given."""
+    t = k.shape[2]
+    n = (t - RESIDUAL) // GROUP * GROUP
+    kc, ks, kz = ref.quantize_keys(k[:, :, :n], bits, GROUP)
+    vc, vs, vz = ref.quantize_values(v[:, :, :n], bits, GROUP)
+    return (kc, ks, kz, vc, vs, vz, k[:, :, n:].contiguous(), v[:, :, n:].contiguous())
+
+
+def _cases(quick):
+    if quick:
+        return [(shape, 2048, 4) for shape in SHAPES]
+    return [(shape, t, 4) for shape in SHAPES for t in CONTEXTS] + [(SHAPES[0], 16384, b) for b in (2, 8)]
+
+
+@pytest.mark.parametrize("index", range(len(CONTEXTS) * len(SHAPES) + 2))
+def test_decode_attention_vs_sdpa(benchmark, device, quick, index):
+    cases = _cases(quick)
+    if index >= len(cases):
+        pytest.skip("not in the quick set")
+    (hq, hkv, d), t, bits = cases[index]
+    if device.type != "cpu":
+        pytest.skip("the kv decode kernel runs on CPU tensors (GPU kernels are not built yet)")
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(1, hkv, t, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(1, hkv, t, d, generator=gen).to(torch.bfloat16)
+    q = torch.randn(1, hq, 1, d, generator=gen).to(torch.bfloat16)
+    packed = _packed(k, v, bits)
+    k32, v32, q32 = k.float(), v.float(), q.float()
+    name = f"kv decode attention {hq}/{hkv} heads of {d}, {t} tokens, {bits}-bit"
+    shapes = {"query": [1, hq, 1, d], "cache": [1, hkv, t, d]}
+    packed_bytes = sum(x.numel() * x.element_size() for x in packed)
+
+    def case(backend, nbytes, label):
+        return Case(op="kv_decode_attention", case=name, backend=backend, shapes=shapes, dtype="bf16",
+                    bytes_moved=nbytes, flops=4 * hq * t * d, extra={"name": label, "bits": bits, "group": GROUP,
+                                                                     "residual": RESIDUAL})
+
+    scaling = d ** -0.5
+    entries = [
+        (case("baseline", 2 * k.numel() * 2, "SDPA bf16 (dense cache)"),
+         lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
+        (case("dense_fp32", 2 * k.numel() * 4, "SDPA fp32 (dense cache)"),
+         lambda: F.scaled_dot_product_attention(q32, k32, v32, enable_gqa=True)),
+        (case("cpu", packed_bytes, f"lowbit {bits}-bit packed"),
+         lambda: ops.kv_decode_attention(q, *packed, None, bits, GROUP, scaling, backend="cpu")),
+    ]
+    with torch.inference_mode():
+        records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 15)
+    harness.pair_fastest_dense(records)
