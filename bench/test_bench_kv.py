@@ -70,3 +70,70 @@ def test_decode_attention_vs_sdpa(benchmark, device, quick, index):
     with torch.inference_mode():
         records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 15)
     harness.pair_fastest_dense(records)
+
+
+def _transformers_cache(backend, model, bits):
+    """transformers' QuantizedCache at lowbit's group and residual, or None where the backend (or
+    the bit width) is not available."""
+    from transformers import QuantizedCache
+
+    try:
+        return QuantizedCache(backend=backend, config=model.config, nbits=bits, q_group_size=GROUP,
+                              residual_length=RESIDUAL)
+    except (ImportError, ValueError):
+        return None
+
+
+def test_smollm2_decode_accuracy(quick):
+    """SmolLM2-135M-Instruct (fp32), a prompt prefilled, then the following tokens fed one at a time
+    through each cache: perplexity change against the dense cache and greedy next-token agreement,
+    for lowbit's cache at 8/4/2 bits and transformers' QuantizedCache (quanto, HQQ) at the same
+    bits, group and residual; and KV bytes per token at 4096 tokens against the dense cache."""
+    import lowbit
+    import lowbit.kv
+    from lowbit import evaluation
+    from lowbit.kv import evaluation as kv_eval
+
+    try:
+        evaluation.smollm2_folder()
+    except lowbit.LowbitError as exc:
+        pytest.skip(str(exc))
+    from transformers import DynamicCache
+
+    prompt, decoded = (128, 64) if quick else (512, 512)
+    model, tokenizer = evaluation.load_dense(evaluation.MODEL)
+    ids = evaluation.text_ids(tokenizer, prompt + decoded)
+    model.set_attn_implementation("sdpa")
+    dense = kv_eval.teacher_forced(model, ids, prompt, DynamicCache())
+    results = {"dense_perplexity": dense.perplexity()}
+    for bits in (8, 4, 2):
+        for residual in ((RESIDUAL,) if bits != 4 else (RESIDUAL, 32)):
+            model.set_attn_implementation("lowbit")
+            trace = kv_eval.teacher_forced(model, ids, prompt, lowbit.kv.QuantizedKVCache(bits, GROUP, residual))
+            results[f"lowbit_{bits}bit_r{residual}"] = kv_eval.compare(dense, trace)
+        model.set_attn_implementation("sdpa")
+        for backend in ("quanto", "hqq"):
+            cache = _transformers_cache(backend, model, bits)
+            if cache is not None:
+                trace = kv_eval.teacher_forced(model, ids, prompt, cache)
+                results[f"transformers_{backend}_{bits}bit"] = kv_eval.compare(dense, trace)
+    # Bytes per token at 4096 tokens (SmolLM2's 30 layers of 3 KV heads of 64), counting scales,
+    # zeros and the residual window, against the dense cache in fp16 / bf16.
+    cfg = model.config
+    tokens, dtype = 4096, torch.bfloat16
+    memory = {}
+    for bits in (8, 4, 2):
+        for residual in (RESIDUAL, 32):
+            cache = lowbit.kv.QuantizedKVCache(bits, GROUP, residual)
+            gen = torch.Generator().manual_seed(0)
+            for layer in range(cfg.num_hidden_layers):
+                states = torch.randn(1, cfg.num_key_value_heads, tokens, cfg.head_dim, generator=gen).to(dtype)
+                cache.update(states, states, layer)
+            dense_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * tokens * cfg.head_dim * 2
+            memory[f"{bits}bit_r{residual}"] = {"bytes_per_token": cache.nbytes() / tokens,
+                                                "dense_bytes_per_token": dense_bytes / tokens,
+                                                "smaller": dense_bytes / cache.nbytes()}
+    harness.FACTS.append({"fact": "kv_decode_accuracy", "model": "SmolLM2-135M-Instruct (fp32)",
+                          "prompt_tokens": prompt, "decoded_tokens": decoded, "text": "pydoc_data.topics",
+                          "group": GROUP, "residual": RESIDUAL, **results, "memory_4096_tokens_bf16": memory})
+    assert results["lowbit_8bit_r128"]["agreement"] > 0.9

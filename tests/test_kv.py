@@ -148,7 +148,8 @@ def test_sliding_layer_drops_whole_blocks_and_reports_its_mask():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=3), "bits"), (dict(group_size=0), "group_size"), (dict(residual_length=12, group_size=8), "multiple"),
+    (dict(bits=3), "bits"), (dict(group_size=0), "group_size"), (dict(residual_length=-1), "residual_length"),
+    (dict(bits=2, group_size=6), "multiple of 4"),
 ])
 def test_bad_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

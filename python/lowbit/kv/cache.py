@@ -33,10 +33,8 @@ def check_options(bits: int, group_size: int, residual_length: int) -> None:
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1 or group_size % (8 // bits):
         raise ValueError(f"group_size must be a positive multiple of {8 // bits} (the codes a byte holds at {bits} "
                          f"bits), got {group_size!r}")
-    if (not isinstance(residual_length, int) or isinstance(residual_length, bool) or residual_length < 0
-            or residual_length % group_size):
-        raise ValueError(f"residual_length must be a multiple of group_size ({group_size}) and >= 0, "
-                         f"got {residual_length!r}")
+    if not isinstance(residual_length, int) or isinstance(residual_length, bool) or residual_length < 0:
+        raise ValueError(f"residual_length must be an int >= 0, got {residual_length!r}")
 
 
 class PackedKV(torch.Tensor):
@@ -311,8 +309,8 @@ class QuantizedKVCache(Cache):
         model.generate(**inputs, past_key_values=cache)   # ``cache=`` from transformers 5.24
 
     bits: 2, 4 or 8. group_size: tokens per key group and channels per value group (head_dim must
-    be a multiple). residual_length: newest tokens kept in full precision (a multiple of
-    group_size). config: the model's config, for layers with a sliding window (each then keeps only
+    be a multiple). residual_length: newest tokens kept in full precision at least (up to
+    residual_length + group_size - 1 of them). config: the model's config, for layers with a sliding window (each then keeps only
     its window); without one every layer is a full-attention layer. With
     ``attn_implementation="lowbit"`` (``lowbit.kv.attention``) decode attention reads the packed
     cache; with any other attention, every step dequantizes it."""
