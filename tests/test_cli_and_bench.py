@@ -144,3 +144,19 @@ def test_compress_inspect_decompress_round_trip(tmp_path):
     assert back.keys() == original.keys()
     for k, v in original.items():
         assert torch.equal(back[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_eval_kv_bits_compares_the_quantized_cache_with_the_dense_one():
+    pytest.importorskip("gguf")
+    result = _lowbit("eval", "smollm2", "--kv-bits", "8", "--kv-prompt-tokens", "96", "--kv-decode-tokens", "24",
+                     "--kv-group", "32", "--kv-residual", "16", "--quiet", "--json", "-")
+    if "SmolLM2 is not installed" in result.stderr:
+        pytest.skip("SmolLM2 is not installed here")
+    assert result.returncode == 0, result.stdout + result.stderr
+    kv = json.loads(result.stdout)["kv"]
+    dense, quantized = kv["dense"], kv["quantized"]
+    assert kv["bits"] == 8 and kv["decoded_tokens"] == 24
+    assert abs(quantized["perplexity_change"]) < 0.01 and quantized["agreement"] > 0.9
+    assert quantized["bytes_per_token"] < 0.6 * dense["bytes_per_token"]  # fp32 model: 8-bit codes + scales
+    bad = _lowbit("eval", "smollm2", "--kv-bits", "4", "--compare", "none,int8")
+    assert bad.returncode == 1 and "--kv-bits evaluates one model" in bad.stderr

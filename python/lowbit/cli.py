@@ -100,10 +100,44 @@ def cmd_demo(args) -> int:
     return 0 if not failed else 1
 
 
+def _eval_kv(args) -> int:
+    """--kv-bits: the dense KV cache against lowbit's quantized one, decoded token by token, on the
+    model's weights as --method leaves them."""
+    from lowbit import evaluation
+    from lowbit.kv import evaluation as kv_evaluation
+
+    if args.compare:
+        raise ValueError("--kv-bits evaluates one model: give --method, not --compare")
+    known = ["none"] + [f.name for f in lowbit.registry.families()]
+    if args.method not in known:
+        raise ValueError(f"--method must name {', '.join(known)}, got {args.method!r}")
+    for name in ("kv_prompt_tokens", "kv_decode_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    model, tokenizer = evaluation.load_dense(args.model)
+    if args.method != "none":
+        lowbit.quantize(model, args.method, progress=not args.quiet)
+    result = kv_evaluation.evaluate(model, tokenizer, args.kv_bits, group_size=args.kv_group,
+                                    residual_length=args.kv_residual, prompt_tokens=args.kv_prompt_tokens,
+                                    decode_tokens=args.kv_decode_tokens, progress=not args.quiet)
+    doc = {"model": args.model, "method": args.method, "text": "pydoc_data.topics",
+           "torch_threads": torch.get_num_threads(), "cpu": evaluation.cpu_facts(), "kv": result}
+    if args.json == "-":
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(kv_evaluation.table(result))
+    if args.json:
+        written = lowbit.files.write_text(args.json, json.dumps(doc, indent=1), what="--json")
+        print(f"results: {written}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     """Perplexity, speed, size and memory of a model, dense or compressed, one method or several."""
     from lowbit import evaluation
 
+    if args.kv_bits is not None:
+        return _eval_kv(args)
     methods = [m.strip() for m in args.compare.split(",") if m.strip()] if args.compare else [args.method]
     known = ["none"] + [f.name for f in lowbit.registry.families()]
     for method in methods:
@@ -290,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--calibration-tokens", type=int, default=0,
                         help="calibrate the methods that take calibration (int8, codebook) on this many tokens "
                              "from the end of the text, disjoint from the evaluated span (default 0: none)")
+    p_eval.add_argument("--kv-bits", type=int, choices=(2, 4, 8), default=None,
+                        help="instead: the KV cache quantized to 2, 4 or 8 bits against the dense cache, "
+                             "decoded token by token (perplexity change, agreement, bytes, speed)")
+    p_eval.add_argument("--kv-group", type=int, default=64, help="with --kv-bits: the group size (default 64)")
+    p_eval.add_argument("--kv-residual", type=int, default=128,
+                        help="with --kv-bits: newest tokens kept in full precision (default 128)")
+    p_eval.add_argument("--kv-prompt-tokens", type=int, default=512, help="with --kv-bits: prefilled tokens")
+    p_eval.add_argument("--kv-decode-tokens", type=int, default=512,
+                        help="with --kv-bits: tokens then fed one at a time (default 512)")
     p_eval.add_argument("--json", help="write the results as JSON to this path ('-': print JSON instead of the table)")
     p_eval.add_argument("--no-reload", action="store_true",
                         help="measure the model as compressed in memory; by default each method is saved to a "
