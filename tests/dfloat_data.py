@@ -34,6 +34,28 @@ def random_fp32_patterns(n: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([specials, bits]).view(torch.float32)
 
 
+def packed_codes(n: int, bits: int = 4, seed: int = 0) -> torch.Tensor:
+    """n bytes of ``bits``-bit codes packed 8 / bits to a byte (as the KV cache stores them), the
+    codes drawn from a peaked distribution (a rounded Gaussian around the middle code, std 1): few
+    byte values are common, as in a real cache's stored form."""
+    from lowbit.reference.bitpack import pack_bits
+
+    g = torch.Generator().manual_seed(seed)
+    per_byte = 8 // bits
+    codes = (torch.randn(n * per_byte, generator=g) + (1 << (bits - 1))).round().clamp(0, (1 << bits) - 1)
+    return pack_bits(codes.to(torch.uint8), bits)
+
+
+def uniform_bytes(n: int, seed: int = 0) -> torch.Tensor:
+    """n bytes, every value equally likely: nothing to gain, all 256 symbols in use for n >> 256."""
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+
+
+def every_byte(seed: int = 0) -> torch.Tensor:
+    """The 256 byte values once each, shuffled."""
+    return torch.randperm(256, generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+
+
 def bits_view(t: torch.Tensor) -> torch.Tensor:
-    """An integer view of a float tensor, for torch.equal on the bits."""
-    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+    """An integer view of a float (or uint8) tensor, for torch.equal on the bits."""
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])

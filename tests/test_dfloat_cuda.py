@@ -22,11 +22,13 @@ from lowbit.errors import FormatError
 from lowbit.reference import dfloat as ref
 
 from conftest import param_id, run_in_cuda_graph, skip_unless_available
+from dfloat_data import every_byte, packed_codes, uniform_bytes
 
 pytestmark = pytest.mark.gpu
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+            torch.uint8: torch.uint8}
 # (window_bits, windows_per_block): tiny ones give many blocks and windows with few codes; 96 / 33
 # gives groups that are not whole warps of windows; 256 / 128 is the default.
 CONFIGS = [(32, 2), (64, 4), (96, 33), (256, 128)]
@@ -148,6 +150,44 @@ def test_decode_dense_blocks_overflow_staging(dtype, config):
     t = _skewed(200_000, dtype)
     enc = encode(t, *config)
     assert_bits_equal(enc.decode(), t)
+
+
+# ---- decode to bytes (uint8: the symbol is the byte, no raw bits) ----------------------------------
+
+BYTE_KINDS = {"packed4": lambda n: packed_codes(n, bits=4, seed=n), "uniform": lambda n: uniform_bytes(n, seed=n)}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=param_id)
+@pytest.mark.parametrize("n", SIZES, ids=param_id)
+@pytest.mark.parametrize("kind", list(BYTE_KINDS))
+def test_decode_bytes_matches_reference(kind, n, config):
+    enc = encode(BYTE_KINDS[kind](n), *config)
+    assert enc.raw.numel() == 0
+    out = enc.decode()
+    assert out.device.type == "cuda" and out.dtype == torch.uint8
+    assert_bits_equal(out, enc.reference_decode())
+    assert_bits_equal(out, enc.original)
+
+
+@pytest.mark.parametrize("config", [(64, 4), (256, 128)], ids=param_id)
+def test_decode_bytes_dense_blocks_overflow_staging(config):
+    # First half one byte (1-bit codes), second half every byte: the dense blocks overflow staging.
+    t = torch.cat([torch.full((100_000,), 7, dtype=torch.uint8), uniform_bytes(100_000)])
+    assert_bits_equal(encode(t, *config).decode(), t)
+
+
+def test_decode_every_byte_and_one_repeated_byte():
+    t = every_byte().repeat(5)
+    assert_bits_equal(encode(t, 32, 2).decode(), t)
+    t = torch.full((1000,), 0xFF, dtype=torch.uint8)
+    assert_bits_equal(encode(t, 32, 2).decode(), t)
+
+
+def test_gemv_refuses_a_bytes_stream():
+    enc = encode(packed_codes(12 * 40), 64, 4)
+    x = torch.ones(3, 40, dtype=torch.uint8, device="cuda")
+    with pytest.raises(TypeError, match="x must be one of bfloat16, float16, float32 .*got torch.uint8"):
+        lowbit.ops.dfloat_gemv(x, *enc.stream, 12, enc.total_bits, 64, 4, backend="cuda")
 
 
 @pytest.mark.parametrize("config", [(256, 1024), (64, 1000), (32, 1)], ids=param_id)

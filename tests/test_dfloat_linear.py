@@ -87,6 +87,16 @@ def test_loading_a_corrupted_or_mismatched_state_dict_fails_clearly():
         DFloatLinear(384, 384, dtype=torch.bfloat16).load_state_dict(module.state_dict())
 
 
+def test_loading_a_bytes_stream_as_the_weight_fails_clearly():
+    """A uint8 dfloat stream (packed codes) has the stored form of a weight, but it is none."""
+    sd = DFloatLinear(8, 4, dtype=torch.bfloat16).state_dict()
+    codes = torch.randint(0, 256, (4, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    sd.update({f"weight_{k}": v for k, v in lowbit.dfloat.compress(codes).to_dict().items()})
+    with pytest.raises(RuntimeError, match=r"weight: stored dtype torch.uint8, a DFloatLinear's weight is one of "
+                                           r"torch.bfloat16, torch.float16, torch.float32"):
+        DFloatLinear(8, 4, dtype=torch.bfloat16).load_state_dict(sd)
+
+
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     linear = _minilm_linear(torch.bfloat16)

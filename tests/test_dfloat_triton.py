@@ -15,6 +15,7 @@ from lowbit.errors import FormatError
 from lowbit.reference import dfloat as ref
 
 from conftest import skip_unless_available
+from dfloat_data import every_byte, packed_codes, uniform_bytes
 from helpers import fp32_linear_bound
 
 
@@ -26,7 +27,8 @@ def _opcheck_utils(backend: str, device) -> tuple[str, ...]:
 
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32,
+            torch.uint8: torch.uint8}
 # (window_bits, windows_per_block): many tiny windows and blocks, a few, and the stored default.
 LAYOUTS = [(32, 2), (64, 4), (256, 128)]
 # Blocks of more windows than one program decodes side by side (128): programs walk them in chunks.
@@ -176,6 +178,51 @@ def test_decode_empty(device):
     assert out.shape == (0,) and out.dtype == torch.bfloat16
 
 
+# ---- decode to bytes (uint8: the symbol is the byte, no raw bits) -------------------------------
+
+BYTE_KINDS = {"packed4": lambda n: packed_codes(n, bits=4, seed=n), "uniform": lambda n: uniform_bytes(n, seed=n)}
+
+
+# Every layout up to 97 bytes; 1025 bytes in the default layout (tiny windows of it would take the
+# interpreter long, and n97 already crosses many of them).
+BYTE_SHAPES = [(n, layout) for n in (1, 7, 97) for layout in LAYOUTS] + [(1025, LAYOUTS[-1])]
+
+
+@pytest.mark.parametrize("n,layout", BYTE_SHAPES, ids=lambda v: f"n{v}" if isinstance(v, int) else _layout_id(v))
+@pytest.mark.parametrize("kind", list(BYTE_KINDS))
+def test_decode_bytes(device, kind, n, layout):
+    _check_decode(BYTE_KINDS[kind](n), layout, device)
+
+
+def test_decode_bytes_wide_blocks(device):
+    x = packed_codes(2049)
+    assert _encode(x, WIDE_BLOCK)[0][3].numel() >= 3, "expected two blocks or more"
+    _check_decode(x, WIDE_BLOCK, device)
+
+
+@pytest.mark.parametrize("layout", [(32, 2), (256, 128)], ids=_layout_id)
+def test_decode_every_byte(device, layout):
+    _check_decode(every_byte().repeat(2), layout, device)
+
+
+@pytest.mark.parametrize("n", [1, 97], ids=lambda n: f"n{n}")
+def test_decode_one_repeated_byte(device, n):
+    _check_decode(torch.full((n,), 0x3C, dtype=torch.uint8), (32, 2), device)
+
+
+def test_decode_bytes_empty(device):
+    stream, total_bits = _encode(torch.empty(0, dtype=torch.uint8), (32, 2))
+    out = _kernels().decode(*(t.to(device) for t in stream), 0, torch.uint8, total_bits, 32, 2)
+    assert out.shape == (0,) and out.dtype == torch.uint8
+
+
+def test_decode_12_bit_byte_codes(device):
+    # Bytes 0..12 with code lengths 1..12: the longest codes, peeks straddling three bytes.
+    g = torch.Generator().manual_seed(12)
+    _check_decode(torch.randint(0, 13, (150,), generator=g).to(torch.uint8), (32, 2), device,
+                  lengths=_skewed_lengths())
+
+
 def _corrupt(stream, what):
     codes, raw, gaps, block_starts, table = (t.clone() for t in stream)
     if what == "no_code":  # the first code's peek starts no code
@@ -189,14 +236,16 @@ def _corrupt(stream, what):
     return codes, raw, gaps, block_starts, table
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8], ids=_dtype_id)
 @pytest.mark.parametrize("what", ["no_code", "block_starts", "gap", "codes"])
-def test_decode_rejects_corrupt_stream(device, what):
-    stream, total_bits = _encode(_weights((97,), torch.bfloat16, seed=6), (32, 2))
+def test_decode_rejects_corrupt_stream(device, what, dtype):
+    x = packed_codes(97, seed=6) if dtype == torch.uint8 else _weights((97,), dtype, seed=6)
+    stream, total_bits = _encode(x, (32, 2))
     bad = [t.to(device) for t in _corrupt(stream, what)]
     with pytest.raises(FormatError, match="corrupted dfloat stream"):
-        _kernels().decode(*bad, 97, torch.bfloat16, total_bits, 32, 2)
+        _kernels().decode(*bad, 97, dtype, total_bits, 32, 2)
     with pytest.raises(ValueError):  # FormatError is a ValueError, as the reference raises
-        lowbit.ops.dfloat_decode(*bad, 97, torch.bfloat16, total_bits, 32, 2, backend="triton")
+        lowbit.ops.dfloat_decode(*bad, 97, dtype, total_bits, 32, 2, backend="triton")
 
 
 # ---- gemv ------------------------------------------------------------------------------------
@@ -295,6 +344,19 @@ def test_ops_route_to_triton(device, dtype):
     got = lowbit.ops.dfloat_gemv(x, *stream, 7, total_bits, 64, 4, bias, backend="triton")
     expected = ref.gemv(x.cpu().contiguous(), *(t.cpu() for t in stream), 7, total_bits, 64, 4, bias.cpu())
     _assert_within(got, expected, 2 * fp32_linear_bound(x.cpu(), weight, bias.cpu()), "triton vs reference")
+
+
+def test_ops_route_bytes_to_triton_and_gemv_refuses_them(device):
+    x = packed_codes(7 * 33, seed=9)
+    stream, total_bits = _encode(x, (64, 4))
+    stream = [t.to(device) for t in stream]
+    flat = lowbit.ops.dfloat_decode(*stream, x.numel(), torch.uint8, total_bits, 64, 4, backend="triton")
+    assert flat.dtype == torch.uint8 and torch.equal(flat.cpu(), x)
+    opcheck(lowbit.ops.op("dfloat_decode", "triton", device), (*stream, x.numel(), torch.uint8, total_bits, 64, 4),
+            test_utils=_opcheck_utils("triton", device))
+    with pytest.raises(TypeError, match="x must be one of bfloat16, float16, float32 .*got torch.uint8"):
+        lowbit.ops.dfloat_gemv(torch.ones(3, 33, dtype=torch.uint8, device=device), *stream, 7, total_bits, 64, 4,
+                               backend="triton")
 
 
 def test_opcheck(device):

@@ -40,7 +40,7 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = (80, 90)
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8"}
 WORKER_TIMEOUT_S = 600
 
 
@@ -162,9 +162,10 @@ def _dfloat_launches():
     from lowbit.triton_kernels import dfloat
 
     n = 4096 * 4096
-    # windows_per_block: the default (128 lanes, 4 warps) and the smallest (1 lane, 1 warp).
+    # windows_per_block: the default (128 lanes, 4 warps) and the smallest (1 lane, 1 warp); uint8
+    # decodes too (no raw bytes), gemv takes floats only.
     for wpb in (DEFAULT_WINDOWS_PER_BLOCK, 1):
-        for dtype in FLOAT_DTYPES:
+        for dtype in (*FLOAT_DTYPES, torch.uint8):
             stream, total_bits, window_bits, _ = _dfloat_stream(n, dtype, wpb)
             yield "_dfloat_decode_kernel", f"{_DTYPE[dtype]}-wpb{wpb}", lambda: dfloat.decode(
                 *stream, n, dtype, total_bits, window_bits, wpb)

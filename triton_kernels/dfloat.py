@@ -15,11 +15,12 @@ the window's end, one code per step:
 - phase 1 counts them; an exclusive ``tl.cumsum`` over the lanes plus ``block_starts[b]`` (and
   the counts of the block's earlier chunks) gives each lane the index of its first element;
 - phase 2 decodes them again and writes element after element: ``decode`` merges each symbol with
-  its raw byte(s) and stores the bit pattern; ``gemv`` turns it into an fp32 weight, multiplies it
-  by x[:, col] and accumulates per lane until its row ends, then adds the row's partial sums into
-  an fp32 [B, out] buffer with one atomic add per batch row. A lane's elements are consecutive, so
-  it flushes once per row it touches; rows that span lanes, windows or blocks are summed by the
-  atomics. The dense weight never reaches global memory.
+  its raw byte(s) and stores the bit pattern (a uint8 stream has no raw bytes: the symbol is the
+  element); ``gemv`` turns it into an fp32 weight, multiplies it by x[:, col] and accumulates per
+  lane until its row ends, then adds the row's partial sums into an fp32 [B, out] buffer with one
+  atomic add per batch row. A lane's elements are consecutive, so it flushes once per row it
+  touches; rows that span lanes, windows or blocks are summed by the atomics. The dense weight
+  never reaches global memory.
 
 Every load is masked; a corrupt stream cannot make a kernel read or write out of bounds or loop
 forever (a peek that starts no code advances MAX_CODE_LEN bits). The kernels also check the
@@ -44,7 +45,7 @@ from lowbit.reference.dfloat import LAYOUTS, MAX_CODE_LEN
 
 _MAX_LANES = 128  # windows decoded side by side by one program: one lane per thread at 4 warps
 _MAX_BATCH = 8  # batch rows per gemv program; larger batches get more programs along grid axis 1
-_INT_VIEW = {16: torch.int16, 32: torch.int32}
+_INT_VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 _SIGN32 = tl.constexpr(-(1 << 31))  # the sign bit of an int32
 
 
@@ -119,28 +120,32 @@ def _merge(raw_ptr, elem, symbol, keep, RAW_BYTES: tl.constexpr, SHIFT: tl.const
 
         bf16  s eeeeeeee mmmmmmm    fp16  s eeeee mmmmmmmmmm    raw = s mmmmmmm (1 byte)
         fp32  s eeeeeeee m{23}                                  raw = s m{23} (3 bytes, LE)
+        uint8 bbbbbbbb: the symbol; no raw bytes (raw_ptr, an empty tensor's, is never read)
     """
-    raw_at = raw_ptr + elem * RAW_BYTES
-    raw = tl.load(raw_at, mask=keep, other=0).to(tl.int32)
-    if RAW_BYTES == 1:
-        bits = (symbol << SHIFT) | (raw & 0x7F)
-        bits = bits - ((raw & 0x80) << 8)  # sign bit 15, sign-extended
+    if RAW_BYTES == 0:
+        bits = symbol
     else:
-        raw |= tl.load(raw_at + 1, mask=keep, other=0).to(tl.int32) << 8
-        raw |= tl.load(raw_at + 2, mask=keep, other=0).to(tl.int32) << 16
-        bits = (symbol << SHIFT) | (raw & 0x7FFFFF)
-        bits = tl.where((raw & 0x800000) != 0, bits | _SIGN32, bits)
+        raw_at = raw_ptr + elem * RAW_BYTES
+        raw = tl.load(raw_at, mask=keep, other=0).to(tl.int32)
+        if RAW_BYTES == 1:
+            bits = (symbol << SHIFT) | (raw & 0x7F)
+            bits = bits - ((raw & 0x80) << 8)  # sign bit 15, sign-extended
+        else:
+            raw |= tl.load(raw_at + 1, mask=keep, other=0).to(tl.int32) << 8
+            raw |= tl.load(raw_at + 2, mask=keep, other=0).to(tl.int32) << 16
+            bits = (symbol << SHIFT) | (raw & 0x7FFFFF)
+            bits = tl.where((raw & 0x800000) != 0, bits | _SIGN32, bits)
     return bits
 
 
 @triton.jit
 def _dfloat_decode_kernel(
     codes_ptr,  # uint8 [padded bytes]: the code stream
-    raw_ptr,  # uint8 [n * RAW_BYTES]: raw bits, little-endian per element
+    raw_ptr,  # uint8 [n * RAW_BYTES]: raw bits, little-endian per element (empty for uint8)
     gaps_ptr,  # uint8 [ceil(windows / 2)]: 4-bit gaps, low nibble first
     block_starts_ptr,  # int64 [blocks + 1]
     table_ptr,  # int16 [2^MAX_CODE_LEN]: symbol | length << 8
-    out_ptr,  # int16 [n] (bf16, fp16) / int32 [n] (fp32): the output's bit patterns
+    out_ptr,  # uint8 [n] (uint8) / int16 [n] (bf16, fp16) / int32 [n] (fp32): the output's bit patterns
     flag_ptr,  # int32 [1]: set to 1 where the stream is corrupt
     n,
     total_bits,
@@ -148,8 +153,8 @@ def _dfloat_decode_kernel(
     windows,
     windows_per_block,
     blocks,
-    RAW_BYTES: tl.constexpr,  # 1 or 3
-    SHIFT: tl.constexpr,  # bit position of the symbol's low bit: 7 or 23
+    RAW_BYTES: tl.constexpr,  # 0 (uint8), 1 or 3
+    SHIFT: tl.constexpr,  # bit position of the symbol's low bit: 0, 7 or 23
     LANES: tl.constexpr,  # windows decoded side by side, a power of two
     MAX_CODE_LEN: tl.constexpr,
 ):
@@ -267,7 +272,7 @@ def _launch_shape(total_bits: int, window_bits: int, windows_per_block: int) -> 
 
 
 def decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block):
-    """Stream tensors (contiguous, checked by lowbit.ops) -> float [n] of ``dtype``, bit-exact.
+    """Stream tensors (contiguous, checked by lowbit.ops) -> [n] of ``dtype`` (a float or uint8), bit-exact.
 
     Raises FormatError when the stream is corrupt, which costs one device-to-host read of a flag
     (skipped while a CUDA graph is being captured)."""

@@ -27,21 +27,22 @@ at::Tensor empty_for_writing(int64_t n, const at::TensorOptions& options) {
   return t;
 }
 
-// Calls fn(Type<Bits>{}) with Bits = uint16_t for bf16/fp16, uint32_t for fp32.
+// Calls fn(Type<Bits>{}) with Bits = uint8_t for uint8, uint16_t for bf16/fp16, uint32_t for fp32.
 template <typename Fn>
-auto dispatch_float_bits(at::ScalarType dtype, const char* name, Fn&& fn) {
+auto dispatch_dfloat_bits(at::ScalarType dtype, const char* name, Fn&& fn) {
   switch (dtype) {
+    case at::kByte: return fn(Type<uint8_t>{});
     case at::kBFloat16:
     case at::kHalf: return fn(Type<uint16_t>{});
     case at::kFloat: return fn(Type<uint32_t>{});
-    default: TORCH_CHECK_TYPE(false, name, " must be one of bfloat16, float16, float32, got ", dtype_name(dtype));
+    default: TORCH_CHECK_TYPE(false, name, " must be one of ", kDfloatDtypes, ", got ", dtype_name(dtype));
   }
 }
 
 at::Tensor dfloat_histogram_cpu(const at::Tensor& x_in) {
   const at::Tensor x = x_in.contiguous();
   at::Tensor counts = at::zeros({256}, x.options().dtype(at::kLong));
-  dispatch_float_bits(x.scalar_type(), "x", [&](auto type) {
+  dispatch_dfloat_bits(x.scalar_type(), "x", [&](auto type) {
     using Bits = typename decltype(type)::type;
     cpu::dfloat::histogram<Bits>(static_cast<const Bits*>(x.const_data_ptr()), x.numel(), counts.data_ptr<int64_t>());
   });
@@ -58,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfloat_encode_cpu(
   check_window_shape(window_bits, windows_per_block, "");
   const at::Tensor x = x_in.contiguous();
   const int64_t n = x.numel();
-  const int raw_bytes = x.scalar_type() == at::kFloat ? 3 : 1;
+  const int64_t raw_bytes = dfloat_raw_bytes(x.scalar_type());
   const uint8_t* lens = lengths.const_data_ptr<uint8_t>();
   const int32_t* words = codewords.const_data_ptr<int32_t>();
   // The decoders peek 12 bits and the gaps hold 4: a longer code would be written but never read back.
@@ -79,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfloat_encode_cpu(
   at::Tensor block_starts = at::empty({blocks + 1}, x.options().dtype(at::kLong));
   const cpu::dfloat::Stream stream{codes.data_ptr<uint8_t>(), raw.data_ptr<uint8_t>(), gaps.data_ptr<uint8_t>(),
                               block_starts.data_ptr<int64_t>(), total_bits, window_bits, windows_per_block};
-  const char* error = dispatch_float_bits(x.scalar_type(), "x", [&](auto type) {
+  const char* error = dispatch_dfloat_bits(x.scalar_type(), "x", [&](auto type) {
     using Bits = typename decltype(type)::type;
     return cpu::dfloat::encode<Bits>(static_cast<const Bits*>(x.const_data_ptr()), n, lens,
                                      reinterpret_cast<const uint32_t*>(words), stream);
@@ -96,7 +97,7 @@ at::Tensor dfloat_decode_cpu(const at::Tensor& codes, const at::Tensor& raw, con
                              int64_t windows_per_block) {
   check_dfloat_stream(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block);
   at::Tensor out = empty_for_writing(n, codes.options().dtype(dtype));
-  const char* error = dispatch_float_bits(dtype, "dtype", [&](auto type) {
+  const char* error = dispatch_dfloat_bits(dtype, "dtype", [&](auto type) {
     using Bits = typename decltype(type)::type;
     return cpu::dfloat::decode<Bits>(codes.const_data_ptr<uint8_t>(), codes.numel(), raw.const_data_ptr<uint8_t>(),
                                 gaps.const_data_ptr<uint8_t>(), block_starts.const_data_ptr<int64_t>(),

@@ -12,6 +12,15 @@ namespace lowbit {
 constexpr int64_t kMaxWindowBits = int64_t(1) << 20;
 constexpr int64_t kMaxWindowsPerBlock = 1024;
 
+// The dtypes a dfloat stream decodes to, as the messages list them.
+constexpr const char* kDfloatDtypes = "bfloat16, float16, float32, uint8";
+
+// Raw bytes per element (docs/formats.md, "dfloat"): the bits besides the 8-bit symbol. 0 for
+// uint8, whose symbol is the whole byte. Only for the dtypes above.
+inline int64_t dfloat_raw_bytes(at::ScalarType dtype) {
+  return dtype == at::kFloat ? 3 : dtype == at::kByte ? 0 : 1;
+}
+
 // `what` prefixes the message: kCorrupted for a stored stream, "" for the encoder's arguments.
 inline void check_window_shape(int64_t window_bits, int64_t windows_per_block, const char* what = kCorrupted) {
   TORCH_CHECK_VALUE(32 <= window_bits && window_bits <= kMaxWindowBits && window_bits % 32 == 0 &&
@@ -28,8 +37,8 @@ inline void check_dfloat_stream(const at::Tensor& codes, const at::Tensor& raw, 
                                 const at::Tensor& block_starts, const at::Tensor& table, int64_t n,
                                 at::ScalarType dtype, int64_t total_bits, int64_t window_bits,
                                 int64_t windows_per_block) {
-  TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
-                   "dtype must be one of bfloat16, float16, float32, got ", dtype_name(dtype));
+  TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat || dtype == at::kByte,
+                   "dtype must be one of ", kDfloatDtypes, ", got ", dtype_name(dtype));
   const struct { const at::Tensor& t; const char* name; at::ScalarType type; } parts[] = {
       {codes, "codes", at::kByte}, {raw, "raw", at::kByte}, {gaps, "gaps", at::kByte},
       {block_starts, "block_starts", at::kLong}, {table, "table", at::kShort}};
@@ -46,7 +55,7 @@ inline void check_dfloat_stream(const at::Tensor& codes, const at::Tensor& raw, 
   const int64_t windows = (total_bits + window_bits - 1) / window_bits;
   const int64_t blocks = (windows + windows_per_block - 1) / windows_per_block;
   const struct { const char* name; int64_t got, want; } sizes[] = {
-      {"raw", raw.numel(), n * (dtype == at::kFloat ? 3 : 1)},
+      {"raw", raw.numel(), n * dfloat_raw_bytes(dtype)},
       {"gaps", gaps.numel(), (windows + 1) / 2},
       {"block_starts", block_starts.numel(), blocks + 1},
       {"table", table.numel(), 4096}};

@@ -12,9 +12,10 @@ cuda::dfloat::DType dfloat_dtype(at::ScalarType dtype) {
     case at::kBFloat16: return cuda::dfloat::DType::kBFloat16;
     case at::kHalf: return cuda::dfloat::DType::kFloat16;
     case at::kFloat: return cuda::dfloat::DType::kFloat32;
+    case at::kByte: return cuda::dfloat::DType::kUInt8;
     default: break;
   }
-  TORCH_CHECK_TYPE(false, "dtype must be bfloat16, float16 or float32, got ", dtype);
+  TORCH_CHECK_TYPE(false, "dtype must be one of ", kDfloatDtypes, ", got ", dtype_name(dtype));
   return cuda::dfloat::DType::kFloat32;  // not reached
 }
 
@@ -81,6 +82,10 @@ at::Tensor dfloat_gemv_cuda(const at::Tensor& x_in, const at::Tensor& codes_in, 
               out_features);
   const int64_t batch = x_in.size(0), in_features = x_in.size(1);
   const at::ScalarType dtype = x_in.scalar_type();
+  // The stream checks accept uint8 (a stream decodes to bytes), but a product needs floats.
+  TORCH_CHECK_TYPE(dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kFloat,
+                   "x must be one of bfloat16, float16, float32 (dfloat_gemv multiplies by a float weight), got ",
+                   dtype_name(dtype));
   check_dfloat_stream(codes_in, raw_in, gaps, block_starts, table_in, out_features * in_features, dtype, total_bits,
                       window_bits, windows_per_block);
   check_dfloat_cuda(codes_in, window_bits, windows_per_block);

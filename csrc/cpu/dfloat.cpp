@@ -34,6 +34,14 @@ using lowbit::dfloat::kPeekMask;
 template <typename Bits>
 struct Fields;
 
+// Bytes (uint8, e.g. packed 2- or 4-bit codes): the symbol is the whole element, there are no raw
+// bits, and the raw buffer is empty (its pointer may be null: nothing is ever added to it).
+template <>
+struct Fields<uint8_t> {
+  static constexpr int kRawBytes = 0;
+  static uint32_t symbol(uint8_t x) { return x; }
+};
+
 template <>
 struct Fields<uint16_t> {
   static constexpr int kRawBytes = 1;
@@ -168,7 +176,7 @@ const char* encode(const Bits* x, int64_t n, const uint8_t* lengths, const uint3
           if (window % G == 0) out.block_starts[window / G] = i;
         }
         writer.put(codewords[s], lengths[s]);
-        F::raw(x[i], out.raw + i * F::kRawBytes);
+        if constexpr (F::kRawBytes > 0) F::raw(x[i], out.raw + i * F::kRawBytes);
         prev_start = start;
         start += lengths[s];
       }
@@ -393,6 +401,11 @@ void merge_block(const uint8_t* __restrict symbols, const uint8_t* __restrict ra
   for (int64_t k = 0; k < count; ++k) out[k] = lowbit::dfloat::merge32(symbols[k], raw + 3 * k);
 }
 
+// Bytes: the symbols are the elements.
+void merge_block(const uint8_t* __restrict symbols, uint8_t* __restrict out, int64_t count) {
+  memcpy(out, symbols, count);
+}
+
 // Decodes blocks [first, first + count) (count <= kLanes), interleaved, into `buffer` (kLanes
 // slots of max_block_codes bytes), then merges each with its raw bits into `out`. Returns whether
 // every block's codes matched its gaps and block starts.
@@ -416,7 +429,11 @@ bool decode_blocks(const Input& in, const MultiEntry<kCodes>* multi, int64_t fir
     Lane& lane = lanes[l];
     const bool inside = decode_rest<kCodes, kCheck>(in, multi, lane, bad);
     if (!inside || lane.pos != lane.next_start) bad = 1;
-    merge_block(lane.symbols, in.raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.count);
+    if constexpr (Fields<Bits>::kRawBytes == 0) {
+      merge_block(lane.symbols, out + lane.start, lane.count);
+    } else {
+      merge_block(lane.symbols, in.raw + lane.start * Fields<Bits>::kRawBytes, out + lane.start, lane.count);
+    }
   }
   return bad == 0;
 }
@@ -488,10 +505,14 @@ const char* decode(const uint8_t* codes, int64_t codes_bytes, const uint8_t* raw
   return ok ? nullptr : "the code stream does not match block_starts and gaps (corrupted data)";
 }
 
+template void histogram<uint8_t>(const uint8_t*, int64_t, int64_t*);
 template void histogram<uint16_t>(const uint16_t*, int64_t, int64_t*);
 template void histogram<uint32_t>(const uint32_t*, int64_t, int64_t*);
+template const char* encode<uint8_t>(const uint8_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
 template const char* encode<uint16_t>(const uint16_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
 template const char* encode<uint32_t>(const uint32_t*, int64_t, const uint8_t*, const uint32_t*, Stream);
+template const char* decode<uint8_t>(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, const int64_t*,
+                                     const int16_t*, int64_t, int64_t, int64_t, int64_t, uint8_t*);
 template const char* decode<uint16_t>(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, const int64_t*,
                                       const int16_t*, int64_t, int64_t, int64_t, int64_t, uint16_t*);
 template const char* decode<uint32_t>(const uint8_t*, int64_t, const uint8_t*, const uint8_t*, const int64_t*,

@@ -1,6 +1,6 @@
 // C++ CPU encoder and decoder of the dfloat format (docs/formats.md, "dfloat";
-// spec: python/lowbit/reference/dfloat.py). Contiguous buffers; Bits is uint16_t (bf16, fp16) or
-// uint32_t (fp32).
+// spec: python/lowbit/reference/dfloat.py). Contiguous buffers; Bits is uint8_t (uint8: the symbol
+// is the byte, no raw bits), uint16_t (bf16, fp16) or uint32_t (fp32).
 #pragma once
 
 #include <stdint.h>
@@ -13,7 +13,7 @@ void histogram(const Bits* x, int64_t n, int64_t* counts);
 
 struct Stream {
   uint8_t* codes;          // [>= ceil(total_bits / 8) + 8], zero-filled by the caller
-  uint8_t* raw;            // [n * raw_bytes]
+  uint8_t* raw;            // [n * raw_bytes]; unused (may be null) for uint8, whose raw_bytes is 0
   uint8_t* gaps;           // [windows], one gap per byte (the caller packs them to 4 bits)
   int64_t* block_starts;   // [blocks + 1]
   int64_t total_bits;

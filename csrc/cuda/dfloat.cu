@@ -14,6 +14,7 @@
 //      t + G, ... of 16 output bytes, so that the raw bytes (global), the output (global) and x
 //      (gemv) are read and written coalesced and vectorized; each symbol is merged with its raw bits
 //      and the float is either stored (decode) or multiplied with x and summed per output row (gemv).
+//      For uint8 (decode only) the symbols are the output bytes and there are no raw bits.
 // Symbols past the staging capacity (a block much denser than the average one) take a slow direct
 // path in step 3 instead, so any stream decodes correctly whatever the capacity.
 //
@@ -232,9 +233,13 @@ __device__ __forceinline__ int group_scan(int v, int* total, int* scratch, const
 
 // ---- floats from symbols and raw bits ------------------------------------------------------------
 
+// Bits is uint8_t for bytes (the symbol itself; raw is not read), uint16_t for bf16 / fp16, uint32_t
+// for fp32.
 template <typename Bits>
 __device__ __forceinline__ Bits merged(uint32_t symbol, const uint8_t* raw, int64_t i) {
-  if constexpr (sizeof(Bits) == 2) {
+  if constexpr (sizeof(Bits) == 1) {
+    return static_cast<uint8_t>(symbol);
+  } else if constexpr (sizeof(Bits) == 2) {
     return merge16(symbol, raw[i]);
   } else {
     return merge32(symbol, raw + 3 * i);
@@ -258,11 +263,13 @@ __device__ __forceinline__ uint32_t merge32w(uint32_t symbol, uint32_t raw) {
 template <typename Bits>
 constexpr int kVec = 16 / static_cast<int>(sizeof(Bits));
 
-// The float bits of the kVec elements from a (a multiple of kVec): symbols at `symbols` (shared,
-// aligned as a), raw bytes from global memory.
+// The bits of the kVec elements from a (a multiple of kVec): symbols at `symbols` (shared, aligned
+// as a), raw bytes from global memory.
 template <typename Bits>
 __device__ __forceinline__ uint4 merge_chunk(const uint8_t* symbols, const uint8_t* raw, int64_t a) {
-  if constexpr (sizeof(Bits) == 2) {
+  if constexpr (sizeof(Bits) == 1) {
+    return *reinterpret_cast<const uint4*>(symbols);  // bytes: the 16 staged symbols are the output
+  } else if constexpr (sizeof(Bits) == 2) {
     const uint2 s = *reinterpret_cast<const uint2*>(symbols);
     const uint2 r = __ldg(reinterpret_cast<const uint2*>(raw + a));
     return make_uint4(merge16x2(s.x, r.x, 0x4140), merge16x2(s.x, r.x, 0x4342), merge16x2(s.y, r.y, 0x4140),
@@ -770,10 +777,16 @@ cudaError_t decode(const Stream& s, DType dtype, void* out, int* error, cudaStre
   err = device_info(&d);
   if (err == cudaSuccess) err = make_plan(s, d, &p);
   if (err != cudaSuccess) return err;
-  if (dtype == DType::kFloat32) {
-    return launch_blocks(&decode_kernel<uint32_t>, s, p, d, static_cast<uint32_t*>(out), error, stream);
+  switch (dtype) {
+    case DType::kUInt8:
+      return launch_blocks(&decode_kernel<uint8_t>, s, p, d, static_cast<uint8_t*>(out), error, stream);
+    case DType::kBFloat16:
+    case DType::kFloat16:
+      return launch_blocks(&decode_kernel<uint16_t>, s, p, d, static_cast<uint16_t*>(out), error, stream);
+    case DType::kFloat32:
+      return launch_blocks(&decode_kernel<uint32_t>, s, p, d, static_cast<uint32_t*>(out), error, stream);
   }
-  return launch_blocks(&decode_kernel<uint16_t>, s, p, d, static_cast<uint16_t*>(out), error, stream);
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t gemv(const Stream& s, DType dtype, const void* x, int64_t batch, int64_t in_features,
@@ -794,6 +807,7 @@ cudaError_t gemv(const Stream& s, DType dtype, const void* x, int64_t batch, int
       return gemv_typed<DType::kFloat16>(s, x, batch, in_features, out_features, bias, workspace, error, y, stream);
     case DType::kFloat32:
       return gemv_typed<DType::kFloat32>(s, x, batch, in_features, out_features, bias, workspace, error, y, stream);
+    case DType::kUInt8: break;  // a product of bytes is not a dfloat_gemv
   }
   return cudaErrorInvalidValue;
 }

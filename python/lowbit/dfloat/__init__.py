@@ -1,4 +1,5 @@
-"""dfloat: lossless compression of bf16 / fp16 / fp32 tensors with Huffman-coded exponents.
+"""dfloat: lossless compression of bf16 / fp16 / fp32 tensors with Huffman-coded exponents, and of
+uint8 tensors (packed integer codes) with Huffman-coded bytes.
 
     d = lowbit.dfloat.compress(weight)      # DFloatTensor, ~10.7 bits/weight for bf16 weights
     assert torch.equal(d.decompress().view(torch.int16), weight.view(torch.int16))

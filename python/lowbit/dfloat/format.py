@@ -18,7 +18,9 @@ from lowbit.reference.bitpack import unpack_bits
 
 FORMAT_VERSION = 1
 MAGIC = 0x64666C74  # "dflt"
-DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+# uint8 (4) came later within version 1: a stream of the other dtypes is unchanged by it, and a
+# lowbit from before refuses a uint8 one by its unknown dtype code (docs/formats.md, "dfloat").
+DTYPE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3, torch.uint8: 4}
 DEFAULT_WINDOW_BITS = 256
 DEFAULT_WINDOWS_PER_BLOCK = 128
 HEADER = ("magic", "version", "dtype", "n", "total_bits", "window_bits", "windows_per_block", "max_code_len",
@@ -42,7 +44,8 @@ def _crc32(header: list[int], tensors: list[torch.Tensor]) -> int:
 
 
 class DFloatTensor:
-    """A float tensor stored losslessly with Huffman-coded exponents (dfloat format).
+    """A float tensor stored losslessly with Huffman-coded exponents, or a uint8 tensor with
+    Huffman-coded bytes (dfloat format).
 
     Attributes: ``shape``, ``dtype``, ``device``, ``nbytes`` (bytes of the stored form: codes, raw
     bits, gaps, block starts, code lengths and header), ``bits_per_weight`` (8 * nbytes / numel).
@@ -172,12 +175,14 @@ class DFloatTensor:
 
 def compress(t: torch.Tensor, *, window_bits: int = DEFAULT_WINDOW_BITS,
              windows_per_block: int = DEFAULT_WINDOWS_PER_BLOCK, backend: str | None = None) -> DFloatTensor:
-    """Compress a bf16, fp16 or fp32 tensor losslessly. The encoder runs on the CPU (``backend``:
-    auto, cpu or reference); the result lives on ``t``'s device. ``t`` is not modified."""
+    """Compress a bf16, fp16, fp32 or uint8 tensor losslessly (uint8: packed integer codes, e.g.
+    the KV cache's, whose bytes are Huffman-coded whole). The encoder runs on the CPU
+    (``backend``: auto, cpu or reference); the result lives on ``t``'s device. ``t`` is not
+    modified."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in DTYPE_CODES:
-        raise TypeError(f"t must be a bfloat16, float16 or float32 tensor, got {t.dtype}")
+        raise TypeError(f"t must be a bfloat16, float16, float32 or uint8 tensor, got {t.dtype}")
     check_window_shape(window_bits, windows_per_block, ValueError)
     x = t.detach().to("cpu").contiguous()
     counts = ops.op("dfloat_histogram", backend, "cpu")(x)
@@ -193,7 +198,8 @@ def compress(t: torch.Tensor, *, window_bits: int = DEFAULT_WINDOW_BITS,
 
 def entropy_bound(t: torch.Tensor) -> dict[str, float]:
     """Bits/weight bounds of exponent-only coding for ``t``: ``symbol`` = H(symbol) + raw bits (what
-    dfloat's Huffman code approaches), ``exponent`` = H(exponent field) + all other bits."""
+    dfloat's Huffman code approaches), ``exponent`` = H(exponent field) + all other bits. For uint8
+    the symbol is the whole byte, so both are H(byte)."""
     symbols, _ = ref.split_fields(t.detach().cpu())
     width, shift, raw_bytes = ref.LAYOUTS[t.dtype]
 
@@ -233,7 +239,8 @@ def compress_state_dict(state_dict: dict[str, torch.Tensor], *, progress: bool =
     total = sum(t.numel() for t in state_dict.values())
     with tqdm(total=total, unit="w", unit_scale=True, desc="dfloat compress", disable=not progress) as bar:
         for name, t in state_dict.items():
-            if t.dtype in DTYPE_CODES and t.numel() >= min_numel:
+            # Floats only: integer tensors of a checkpoint (uint8 too) are kept as they are.
+            if t.is_floating_point() and t.dtype in DTYPE_CODES and t.numel() >= min_numel:
                 for part, value in compress(t).to_dict().items():
                     out[f"{_PART}{part}:{name}"] = value
             else:

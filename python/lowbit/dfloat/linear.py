@@ -198,6 +198,10 @@ class DFloatLinear(LowbitLinear):
             except FormatError as exc:
                 error_msgs.append(f"{prefix}weight: {exc}")
                 return
+            if weight.dtype not in ref.FLOAT_DTYPES:  # a dfloat stream of bytes (uint8) is no weight
+                error_msgs.append(f"{prefix}weight: stored dtype {weight.dtype}, a DFloatLinear's weight is one of "
+                                  f"{', '.join(str(d) for d in ref.FLOAT_DTYPES)}")
+                return
             if weight.shape != (self.out_features, self.in_features):
                 error_msgs.append(f"{prefix}weight: stored shape {list(weight.shape)}, module is "
                                   f"[{self.out_features}, {self.in_features}]")

@@ -1,5 +1,6 @@
-"""dfloat: lossless floats, Huffman-coded symbols + raw bits (docs/formats.md, "dfloat"; spec in
-``lowbit.reference.dfloat``).
+"""dfloat: lossless floats and bytes, Huffman-coded symbols + raw bits (docs/formats.md, "dfloat";
+spec in ``lowbit.reference.dfloat``). Streams decode to bf16, fp16, fp32 or uint8; the fused GEMV
+takes the float ones only.
 
 The stream tensors: codes uint8 [padded bytes], raw uint8 [n * raw_bytes], gaps uint8
 [ceil(windows / 2)] (4-bit packed), block_starts int64 [blocks + 1], table int16 [4096].
@@ -21,6 +22,16 @@ MAX_WINDOWS_PER_BLOCK = 1024
 _STREAM = "Tensor codes, Tensor raw, Tensor gaps, Tensor block_starts, Tensor table"
 
 
+def _names(dtypes) -> str:
+    return ", ".join(str(dtype).removeprefix("torch.") for dtype in dtypes)
+
+
+def _check_dtype(dtype, name: str) -> None:
+    """A dtype that dfloat codes (an element type of ``x``, a stream's output ``dtype``)."""
+    if dtype not in _ref.LAYOUTS:
+        raise TypeError(f"{name} must be one of {_names(_ref.LAYOUTS)}, got {dtype}")
+
+
 def check_window_shape(window_bits: int, windows_per_block: int, error=FormatError) -> None:
     if not (32 <= window_bits <= MAX_WINDOW_BITS and window_bits % 32 == 0
             and 1 <= windows_per_block <= MAX_WINDOWS_PER_BLOCK):
@@ -31,8 +42,7 @@ def check_window_shape(window_bits: int, windows_per_block: int, error=FormatErr
 def check_stream(n, dtype, codes, raw, gaps, block_starts, table, total_bits, window_bits, windows_per_block) -> None:
     """Shape and dtype checks of a stream that need no data (so they also run on fake tensors);
     what the data says is checked by the decoders. The rules break only for corrupted data."""
-    if dtype not in _ref.LAYOUTS:
-        raise TypeError(f"dtype must be one of bfloat16, float16, float32, got {dtype}")
+    _check_dtype(dtype, "dtype")
     for name, t, want in (("codes", codes, torch.uint8), ("raw", raw, torch.uint8), ("gaps", gaps, torch.uint8),
                           ("block_starts", block_starts, torch.int64), ("table", table, torch.int16)):
         if t.dtype != want or t.dim() != 1:
@@ -81,6 +91,9 @@ def check_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bit
                bias=None):
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D [batch, in_features], got shape {list(x.shape)}")
+    if x.dtype not in _ref.FLOAT_DTYPES:  # a uint8 stream decodes, but a product needs floats
+        raise TypeError(f"x must be one of {_names(_ref.FLOAT_DTYPES)} (dfloat_gemv multiplies by a float "
+                        f"weight), got {x.dtype}")
     if out_features < 0:
         raise ValueError(f"out_features must be >= 0, got {out_features}")
     check_stream(out_features * x.shape[1], x.dtype, codes, raw, gaps, block_starts, table, total_bits, window_bits,
@@ -128,10 +141,12 @@ define("dfloat_gemv", f"(Tensor x, {_STREAM}, int out_features, int total_bits, 
 
 # The encoder's steps run on CPU tensors: the C++ encoder (backend cpu) or the reference.
 def _fake_histogram(x):
+    _check_dtype(x.dtype, "x")
     return x.new_empty((_ref.NUM_SYMBOLS,), dtype=torch.int64)
 
 
 def _fake_encode(x, lengths, codewords, total_bits, window_bits, windows_per_block):
+    _check_dtype(x.dtype, "x")
     windows = -(-total_bits // window_bits)
     padded = -(-(-(-total_bits // 8) + 8) // 8) * 8
     u8 = dict(dtype=torch.uint8)
@@ -141,10 +156,12 @@ def _fake_encode(x, lengths, codewords, total_bits, window_bits, windows_per_blo
 
 
 def _reference_histogram(x):
+    _check_dtype(x.dtype, "x")
     return _ref.histogram(_ref.split_fields(x)[0])
 
 
 def _reference_encode(x, lengths, codewords, total_bits, window_bits, windows_per_block):
+    _check_dtype(x.dtype, "x")
     check_window_shape(window_bits, windows_per_block, ValueError)
     symbols, raw = _ref.split_fields(x)
     codes, gaps, block_starts, bits = _ref.encode_stream(symbols, lengths, window_bits, windows_per_block)
@@ -163,7 +180,7 @@ define("dfloat_encode", "(Tensor x, Tensor lengths, Tensor codewords, int total_
 @raising_format_errors
 def dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block,
                   *, backend=None) -> torch.Tensor:
-    """Decode a dfloat stream to a flat float tensor [n] of ``dtype``, bit-exact.
+    """Decode a dfloat stream to a flat tensor [n] of ``dtype`` (bf16, fp16, fp32 or uint8), bit-exact.
 
     A stream whose codes disagree with its gaps and block starts raises ``FormatError`` on every
     backend (on CUDA this costs one host synchronization, skipped while capturing a CUDA graph).
@@ -177,7 +194,8 @@ def dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, w
 def dfloat_gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, window_bits,
                 windows_per_block, bias=None, *, backend=None) -> torch.Tensor:
     """x [B, in] @ W.T (+ bias) -> [B, out], W [out, in] read from its dfloat stream without
-    materializing it (fused backends); fp32 accumulation. Differentiable with respect to x.
+    materializing it (fused backends); fp32 accumulation. Differentiable with respect to x. x is
+    bf16, fp16 or fp32 (a uint8 stream is not a weight: TypeError).
 
     The fused kernels never synchronize with the host: a corrupted stream gives an all-NaN output
     there, while the reference raises ``FormatError``. Stored forms are checked (checksum) when

@@ -1,14 +1,16 @@
 """Reference of the dfloat format: the spec of its encoder and of ``lowbit::dfloat_decode``.
 
-A float is split into an 8-bit *symbol*, which is entropy-coded, and *raw* bits stored as they are
-(docs/formats.md, "dfloat"):
+An element is split into an 8-bit *symbol*, which is entropy-coded, and *raw* bits stored as they
+are (docs/formats.md, "dfloat"):
 
     bf16  s eeeeeeee mmmmmmm          symbol = e (8 bits)             raw = s mmmmmmm (1 byte)
     fp16  s eeeee mmmmmmmmmm          symbol = eeeee mmm (bits 14..7) raw = s mmmmmmm (1 byte)
     fp32  s eeeeeeee m{23}            symbol = e (8 bits)             raw = s m{23} (3 bytes, LE)
+    uint8 bbbbbbbb                    symbol = the byte               raw = none (0 bytes)
 
 For 16-bit types the symbol is bits 14..7 and raw is bit 15 followed by bits 6..0, one code path for
-both; in fp16 the symbol carries 3 mantissa bits along with the 5 exponent bits.
+both; in fp16 the symbol carries 3 mantissa bits along with the 5 exponent bits. uint8 codes whole
+bytes, e.g. packed 2- or 4-bit integer codes, whose byte values are as skewed as the codes are.
 
 Symbols are coded with a canonical Huffman code limited to MAX_CODE_LEN bits. The code stream is
 the codes of symbols 0..n-1 concatenated, read least-significant bit first: code bit k of a code
@@ -37,21 +39,27 @@ LAYOUTS = {
     torch.bfloat16: (16, 7, 1),
     torch.float16: (16, 7, 1),
     torch.float32: (32, 23, 3),
+    torch.uint8: (8, 0, 0),
 }
-_INT_VIEW = {16: torch.int16, 32: torch.int32}
+# The dtypes that dfloat_gemv multiplies by; uint8 streams only decode.
+FLOAT_DTYPES = tuple(dtype for dtype in LAYOUTS if dtype.is_floating_point)
+_INT_VIEW = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
 
 
 def _bits_of(x: torch.Tensor) -> torch.Tensor:
-    """The bit patterns of a float tensor as int64 in [0, 2^bits), flattened."""
+    """The bit patterns of a tensor of a LAYOUTS dtype as int64 in [0, 2^bits), flattened."""
     width = LAYOUTS[x.dtype][0]
     return x.contiguous().view(_INT_VIEW[width]).reshape(-1).to(torch.int64) & ((1 << width) - 1)
 
 
 def split_fields(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float [...] -> symbols uint8 [n], raw uint8 [n * raw_bytes] (little-endian per element)."""
+    """[...] of a LAYOUTS dtype -> symbols uint8 [n], raw uint8 [n * raw_bytes] (little-endian per
+    element; empty for uint8)."""
     width, shift, raw_bytes = LAYOUTS[x.dtype]
     bits = _bits_of(x)
     symbols = (bits >> shift) & 0xFF
+    if raw_bytes == 0:  # uint8: the symbol is the whole byte
+        return symbols.to(torch.uint8), torch.empty(0, dtype=torch.uint8, device=x.device)
     sign = bits >> (width - 1)
     raw = (sign << (8 * raw_bytes - 1)) | (bits & ((1 << shift) - 1))
     raw_le = torch.stack([(raw >> (8 * k)) & 0xFF for k in range(raw_bytes)], dim=-1)
@@ -59,8 +67,10 @@ def split_fields(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def merge_fields(symbols: torch.Tensor, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Inverse of split_fields: -> float [n] of ``dtype``, bit for bit."""
+    """Inverse of split_fields: -> [n] of ``dtype``, bit for bit."""
     width, shift, raw_bytes = LAYOUTS[dtype]
+    if raw_bytes == 0:  # uint8: the symbols are the elements (copied: the result never aliases them)
+        return symbols.reshape(-1).to(torch.uint8, copy=True)
     raw = raw.to(torch.int64).reshape(-1, raw_bytes)
     raw = sum(raw[:, k] << (8 * k) for k in range(raw_bytes))
     sign = raw >> (8 * raw_bytes - 1)
@@ -224,7 +234,7 @@ def decode_symbols(codes, gaps, block_starts, table, n, total_bits, window_bits,
 
 
 def decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block):
-    """The spec of ``lowbit::dfloat_decode``: -> float [n] of ``dtype``, bit-exact."""
+    """The spec of ``lowbit::dfloat_decode``: -> [n] of ``dtype``, bit-exact."""
     symbols = decode_symbols(codes, gaps, block_starts, table, n, total_bits, window_bits, windows_per_block)
     return merge_fields(symbols, raw, dtype)
 
