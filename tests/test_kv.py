@@ -261,3 +261,89 @@ def test_half_precision_models(dtype):
     assert layer.k_scale.dtype == dtype and layer.keys.dtype == dtype
     assert cache.nbytes() < 2 * 2 * 2 * 56 * 16 * 2  # below the dense cache's bytes
     assert math.isclose(layer.get_seq_length(), 56)
+
+
+# -- stored prompt caches ------------------------------------------------------------------------------
+def _prefilled(model, ids, cache):
+    with torch.no_grad():
+        model(ids, **{_cache_kwarg(): cache}, use_cache=True)
+    return cache
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_saved_cache_continues_as_the_in_memory_one(bits, tmp_path):
+    """A prompt's cache saved and loaded (another object, tensors decoded from the file) continues the
+    generation with exactly the tokens and logits of the in-memory cache; the file is smaller than
+    the cache's packed bytes."""
+    model = _llama()
+    ids = torch.randint(0, 96, (2, 61), generator=torch.Generator().manual_seed(6))
+    cache = _prefilled(model, ids[:, :-1], kv.QuantizedKVCache(bits, 8, 8))
+    path = cache.save(tmp_path / "prompt.safetensors")
+    loaded = kv.QuantizedKVCache.load(path)
+    for a, b in zip(cache.layers, loaded.layers):
+        assert a.blocks == b.blocks and a.seen == b.seen and a.get_seq_length() == 60
+        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+            assert torch.equal(a.packed()[name], b.packed()[name]), name
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    seq_a, scores_a = _generate(model, ids, cache, "lowbit")
+    seq_b, scores_b = _generate(model, ids, loaded, "lowbit")
+    assert torch.equal(seq_a, seq_b) and torch.equal(scores_a, scores_b)
+    assert path.stat().st_size < loaded.nbytes() + 40_000  # the coded tensors plus their headers
+
+
+def test_saved_sliding_window_cache_round_trips(tmp_path):
+    cfg = transformers.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     max_position_embeddings=256, sliding_window=24)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (1, 80), generator=torch.Generator().manual_seed(7))
+    cache = kv.QuantizedKVCache(4, 8, 8, config=model.config)
+    _generate(model, ids, cache, "lowbit")  # grows past its window, dropping blocks
+    loaded = kv.QuantizedKVCache.load(cache.save(tmp_path / "c.safetensors"))
+    for a, b in zip(cache.layers, loaded.layers):
+        assert (a.sliding_window, a.dropped, a.seen) == (b.sliding_window, b.dropped, b.seen) and a.dropped > 0
+        assert torch.equal(a.dense("keys"), b.dense("keys"))
+
+
+def test_corrupted_truncated_and_foreign_files_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.errors import FormatError
+
+    model = _llama()
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(8))
+    path = _prefilled(model, ids, kv.QuantizedKVCache(4, 8, 8)).save(tmp_path / "c.safetensors")
+    tensors = load_file(str(path))
+    name = next(k for k in tensors if k.endswith("k_codes.codes"))
+    flipped = dict(tensors)
+    flipped[name] = tensors[name].clone()
+    flipped[name][0] ^= 1
+    save_file(flipped, str(tmp_path / "flipped.safetensors"))
+    missing = {k: v for k, v in tensors.items() if not k.startswith("layers.1.")}
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    (tmp_path / "truncated.safetensors").write_bytes(path.read_bytes()[:-100])
+    save_file({"weight": torch.zeros(3)}, str(tmp_path / "foreign.safetensors"))
+    for bad in ("flipped", "missing", "truncated", "foreign"):
+        with pytest.raises(FormatError):
+            kv.QuantizedKVCache.load(tmp_path / f"{bad}.safetensors")
+    with pytest.raises(FileNotFoundError, match="path"):
+        kv.QuantizedKVCache.load(tmp_path / "nothing.safetensors")
+    with pytest.raises(ValueError, match="every layer must hold tokens"):
+        kv.QuantizedKVCache(4, 8, 8).save(tmp_path / "empty.safetensors")
+
+
+def test_a_cache_used_with_another_model_is_refused(tmp_path):
+    small = _llama()
+    ids = torch.randint(0, 96, (1, 30), generator=torch.Generator().manual_seed(9))
+    loaded = kv.QuantizedKVCache.load(_prefilled(small, ids, kv.QuantizedKVCache(4, 8, 8)).save(tmp_path / "c.st"))
+    bigger = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256)).eval()
+    with pytest.raises(ValueError, match="layer_idx 2: this cache holds 2 layers"):
+        _prefilled(bigger, ids[:, -1:], loaded)
+    wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=16, max_position_embeddings=256)).eval()
+    with pytest.raises(ValueError, match="do not continue"):
+        _prefilled(wider, ids[:, -1:], kv.QuantizedKVCache.load(tmp_path / "c.st"))

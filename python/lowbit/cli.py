@@ -88,6 +88,12 @@ def cmd_demo(args) -> int:
     device = _device(args.device)
     cmd_info(args)
     sections = [("bit packing", bitpack)] + [(f.name, f.demo) for f in lowbit.registry.families() if f.demo]
+    try:
+        from lowbit.kv import demo as kv_demo  # needs transformers
+        sections.append(("kv", kv_demo.demo))
+    except ModuleNotFoundError as exc:
+        print(f"\nkv cache: skipped ({exc})")
+        kv_demo = None
     failed = [name for name, run in sections if not run(device)]
     print("\nall backends agree with the reference" if not failed else
           f"\nMISMATCH: a backend disagrees with the reference (in {', '.join(failed)})")
@@ -96,6 +102,9 @@ def cmd_demo(args) -> int:
 
         if not model_demo.run(quick=args.quick, plot_path=args.plot, progress=not args.quiet):
             failed.append("model")
+        elif kv_demo is not None and model_demo.model_available() is None \
+                and not kv_demo.model_part(quick=args.quick, progress=not args.quiet):
+            failed.append("kv model")
         print("\ndemo: every check passed" if not failed else f"\ndemo: FAILED ({', '.join(failed)})")
     return 0 if not failed else 1
 
@@ -328,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="instead: the KV cache quantized to 2, 4 or 8 bits against the dense cache, "
                              "decoded token by token (perplexity change, agreement, bytes, speed)")
     p_eval.add_argument("--kv-group", type=int, default=64, help="with --kv-bits: the group size (default 64)")
-    p_eval.add_argument("--kv-residual", type=int, default=128,
-                        help="with --kv-bits: newest tokens kept in full precision (default 128)")
+    p_eval.add_argument("--kv-residual", type=int, default=32,
+                        help="with --kv-bits: newest tokens kept in full precision at least (default 32)")
     p_eval.add_argument("--kv-prompt-tokens", type=int, default=512, help="with --kv-bits: prefilled tokens")
     p_eval.add_argument("--kv-decode-tokens", type=int, default=512,
                         help="with --kv-bits: tokens then fed one at a time (default 512)")

@@ -14,14 +14,22 @@ from lowbit import evaluation
 MAX_PERPLEXITY_CHANGE = 0.05
 
 
-def run(*, quick: bool = False, plot_path: str = "lowbit-demo.png", progress: bool = True) -> bool:
-    """Run and print the table; returns whether every family kept what it promises."""
+def model_available() -> str | None:
+    """None when SmolLM2 can be loaded here, else why not."""
     try:
         evaluation.smollm2_folder()
         import gguf  # noqa: F401  (transformers needs it to read the GGUF)
         import transformers  # noqa: F401
     except (lowbit.LowbitError, ModuleNotFoundError) as exc:
-        print(f"\nmodel: skipped, SmolLM2 cannot be loaded here ({exc}); bash scripts/setup.sh installs it")
+        return str(exc)
+    return None
+
+
+def run(*, quick: bool = False, plot_path: str = "lowbit-demo.png", progress: bool = True) -> bool:
+    """Run and print the table; returns whether every family kept what it promises."""
+    why = model_available()
+    if why is not None:
+        print(f"\nmodel: skipped, SmolLM2 cannot be loaded here ({why}); bash scripts/setup.sh installs it")
         return True
     tokens, new_tokens = (1024, 8) if quick else (evaluation.DEFAULT_TOKENS, 32)
     facts = evaluation.cpu_facts()

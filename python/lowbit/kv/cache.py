@@ -16,6 +16,8 @@ attention sees as the dequantized tensor [B, H, T, D].
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.utils._pytree import tree_map
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -68,7 +70,7 @@ class QuantizedKVLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128,
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 32,
                  sliding_window: int | None = None):
         super().__init__()
         check_options(bits, group_size, residual_length)
@@ -305,7 +307,7 @@ class QuantizedKVLayer(CacheLayerMixin):
 class QuantizedKVCache(Cache):
     """A transformers ``Cache`` of ``QuantizedKVLayer``s::
 
-        cache = QuantizedKVCache(bits=4, group_size=64, residual_length=128, config=model.config)
+        cache = QuantizedKVCache(bits=4, group_size=64, residual_length=32, config=model.config)
         model.generate(**inputs, past_key_values=cache)   # ``cache=`` from transformers 5.24
 
     bits: 2, 4 or 8. group_size: tokens per key group and channels per value group (head_dim must
@@ -315,7 +317,7 @@ class QuantizedKVCache(Cache):
     ``attn_implementation="lowbit"`` (``lowbit.kv.attention``) decode attention reads the packed
     cache; with any other attention, every step dequantizes it."""
 
-    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 128, config=None):
+    def __init__(self, bits: int = 4, group_size: int = 64, residual_length: int = 32, config=None):
         check_options(bits, group_size, residual_length)
         self.bits, self.group_size, self.residual_length = bits, group_size, residual_length
         windows = _sliding_windows(config)
@@ -327,6 +329,26 @@ class QuantizedKVCache(Cache):
     def nbytes(self) -> int:
         """Bytes held by every layer (packed parts and residual windows)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.layer_class_to_replicate is None and not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"layer_idx {layer_idx}: this cache holds {len(self.layers)} layers; it was made for "
+                             f"another model")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def save(self, path) -> "os.PathLike":
+        """Writes the cache (packed blocks and residual windows, entropy-coded losslessly) to ``path``,
+        to continue from later with ``QuantizedKVCache.load`` instead of recomputing the prefill."""
+        from lowbit.kv import storage
+
+        return storage.save(self, path)
+
+    @classmethod
+    def load(cls, path, device="cpu") -> "QuantizedKVCache":
+        """The cache ``save`` wrote, on ``device``; refuses altered, truncated or foreign files."""
+        from lowbit.kv import storage
+
+        return storage.load(path, device)
 
 
 def _sliding_windows(config) -> list[int | None] | None:

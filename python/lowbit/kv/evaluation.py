@@ -72,7 +72,7 @@ def cache_bytes(cache) -> int:
                if t is not None)
 
 
-def evaluate(model, tokenizer, bits: int, *, group_size: int = 64, residual_length: int = 128,
+def evaluate(model, tokenizer, bits: int, *, group_size: int = 64, residual_length: int = 32,
              prompt_tokens: int = 512, decode_tokens: int = 512, progress: bool = True) -> dict:
     """The dense cache against ``QuantizedKVCache(bits, group_size, residual_length)`` on the same
     text (``lowbit.evaluation.text_ids``), decoded token by token after a prefilled prompt: each
