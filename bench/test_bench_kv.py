@@ -137,3 +137,47 @@ def test_smollm2_decode_accuracy(quick):
                           "prompt_tokens": prompt, "decoded_tokens": decoded, "text": "pydoc_data.topics",
                           "group": GROUP, "residual": RESIDUAL, **results, "memory_4096_tokens_bf16": memory})
     assert results["lowbit_8bit_r128"]["agreement"] > 0.9
+
+
+def test_smollm2_stored_prompt_cache(tmp_path, quick):
+    """A 4096-token prompt's 4-bit cache (SmolLM2, bf16): the file's size against the packed bytes
+    in memory, and loading it against recomputing the prefill; continuing from it gives the same
+    tokens as continuing from the in-memory cache."""
+    import time
+
+    import lowbit
+    import lowbit.kv
+    from lowbit import evaluation
+    from lowbit.kv import evaluation as kv_eval
+
+    try:
+        evaluation.smollm2_folder()
+    except lowbit.LowbitError as exc:
+        pytest.skip(str(exc))
+    tokens = 1024 if quick else 4096
+    model, tokenizer = evaluation.load_dense(evaluation.MODEL, dtype=torch.bfloat16)
+    model.set_attn_implementation("lowbit")
+    ids = evaluation.text_ids(tokenizer, tokens + 1)[None]
+    key = kv_eval.cache_kwarg(model)
+    results = {}
+    for bits in (4, 2):
+        prefill_s, load_s = [], []
+        for _ in range(3):
+            cache = lowbit.kv.QuantizedKVCache(bits, config=model.config)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(ids[:, :tokens], **{key: cache}, use_cache=True)
+            prefill_s.append(time.perf_counter() - start)
+            path = cache.save(tmp_path / f"prompt{bits}.safetensors")
+            start = time.perf_counter()
+            loaded = lowbit.kv.QuantizedKVCache.load(path)
+            load_s.append(time.perf_counter() - start)
+        with torch.no_grad():
+            out = [model.generate(ids, max_new_tokens=16, do_sample=False, **{key: c}) for c in (cache, loaded)]
+        results[f"{bits}bit"] = {"file_bytes": path.stat().st_size, "packed_bytes": cache.nbytes(),
+                                 "file_vs_packed": path.stat().st_size / cache.nbytes(),
+                                 "prefill_s": sorted(prefill_s)[1], "load_s": sorted(load_s)[1],
+                                 "same_tokens": bool(torch.equal(out[0], out[1]))}
+    harness.FACTS.append({"fact": "kv_stored_prompt_cache", "model": "SmolLM2-135M-Instruct (bf16)",
+                          "prompt_tokens": tokens, "threads": torch.get_num_threads(), **results})
+    assert all(r["same_tokens"] for r in results.values())
