@@ -181,3 +181,52 @@ def test_smollm2_stored_prompt_cache(tmp_path, quick):
     harness.FACTS.append({"fact": "kv_stored_prompt_cache", "model": "SmolLM2-135M-Instruct (bf16)",
                           "prompt_tokens": tokens, "threads": torch.get_num_threads(), **results})
     assert all(r["same_tokens"] for r in results.values())
+
+
+def test_smollm2_decode_at_8k(quick):
+    """End-to-end decode of SmolLM2 (bf16) after an 8192-token prompt: steps per second, the cache's
+    bytes and the peak memory the decode steps add above it, with the dense cache (SDPA), lowbit's
+    4-bit cache (its attention on the packed cache) and transformers' QuantizedCache (quanto,
+    4-bit, SDPA; its quantized tensors are not counted)."""
+    import time
+
+    import lowbit
+    import lowbit.kv
+    from lowbit import evaluation
+    from lowbit.kv import evaluation as kv_eval
+    from transformers import DynamicCache
+
+    try:
+        evaluation.smollm2_folder()
+    except lowbit.LowbitError as exc:
+        pytest.skip(str(exc))
+    tokens, steps = (1024, 4) if quick else (8192, 16)
+    model, tokenizer = evaluation.load_dense(evaluation.MODEL, dtype=torch.bfloat16)
+    ids = evaluation.text_ids(tokenizer, tokens + steps)[None]
+    key = kv_eval.cache_kwarg(model)
+    caches = {"dense": ("sdpa", lambda: DynamicCache()),
+              "lowbit_4bit": ("lowbit", lambda: lowbit.kv.QuantizedKVCache(4, config=model.config)),
+              "transformers_quanto_4bit": ("sdpa", lambda: _transformers_cache("quanto", model, 4))}
+    results = {}
+    for name, (impl, make) in caches.items():
+        cache = make()
+        if cache is None:
+            continue
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            model(ids[:, :tokens], **{key: cache}, use_cache=True, logits_to_keep=1)
+        evaluation.release_memory()
+        # What a decode step allocates beyond the cache it keeps: a step that dequantizes the whole
+        # cache shows it here.
+        with evaluation.PeakMemory() as peak, torch.no_grad():
+            start = time.perf_counter()
+            for t in range(tokens, tokens + steps):
+                model(ids[:, t:t + 1], **{key: cache}, use_cache=True)
+            seconds = time.perf_counter() - start
+        held = kv_eval.cache_bytes(cache) if name != "transformers_quanto_4bit" else None  # quanto's own tensors
+        results[name] = {"decode_steps_per_s": steps / seconds, "decode_peak_added_mb": peak.added / 2**20,
+                         "cache_mb": None if held is None else held / 2**20}
+        del cache
+    harness.FACTS.append({"fact": "kv_decode_8k", "model": "SmolLM2-135M-Instruct (bf16)", "prompt_tokens": tokens,
+                          "decode_steps": steps, "threads": torch.get_num_threads(), **results})
+    assert results["lowbit_4bit"]["cache_mb"] < 0.35 * results["dense"]["cache_mb"]
