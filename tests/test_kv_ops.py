@@ -171,3 +171,62 @@ def test_every_isa_build(isa):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr
+
+
+# -- lowbit::kv_quantize ------------------------------------------------------------------------------
+def _as_bits(t):
+    return t if t.dtype == torch.uint8 else t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("shape,group", [((1, 1, 8, 8), 8), ((2, 3, 64, 32), 16), ((1, 2, 128, 64), 64),
+                                         ((3, 1, 12, 12), 4)], ids=param_id)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+def test_quantize_is_bit_exact_with_the_reference(shape, group, bits, dtype):
+    if group % (8 // bits):
+        pytest.skip("the group must hold whole bytes of codes")
+    gen = torch.Generator().manual_seed(sum(shape) + bits)
+    keys = (torch.randn(shape, generator=gen) * torch.linspace(0.1, 8, shape[-1]) + 0.3).to(dtype)
+    values = torch.randn(shape, generator=gen).to(dtype)
+    got = ops.kv_quantize(keys, values, bits, group, backend="cpu")
+    want = ops.kv_quantize(keys, values, bits, group, backend="reference")
+    for name, a, b in zip(("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(_as_bits(a), _as_bits(b)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+def test_quantize_edges_constant_groups_zeros_subnormals_and_the_range_top(dtype):
+    """Constant groups (scale 0), signed zeros, subnormals, and groups near the dtype's largest value:
+    every code and scale as the reference's, and every element within half a step."""
+    info = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(1, 4, 16, 8, generator=g)
+    keys[0, 0] = 0.375                              # constant
+    keys[0, 1] = torch.tensor(-0.0)                 # negative zeros
+    keys[0, 2] = torch.randn(16, 8, generator=g) * info.smallest_normal  # subnormals
+    keys[0, 3] = torch.linspace(-info.max * 0.45, info.max * 0.45, 128).reshape(16, 8)  # range within fp32
+    keys = keys.to(dtype)
+    for bits in (2, 4, 8):
+        got = ops.kv_quantize(keys, keys, bits, 8, backend="cpu")
+        want = ops.kv_quantize(keys, keys, bits, 8, backend="reference")
+        for a, b in zip(got, want):
+            assert torch.equal(_as_bits(a), _as_bits(b))
+        back = ref.dequantize_keys(*got[:3], bits, 8, torch.float32)
+        step = got[1].float().repeat_interleave(8, dim=2)
+        assert bool(((back - keys.float()).abs() <= step * 0.5 * (1 + 2.0 ** -20) + keys.float().abs() * 2.0 ** -23).all())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_quantize_refuses_bad_arguments(backend):
+    k = torch.randn(1, 2, 16, 8)
+    for args, error, name in [((k.int(), k, 4, 8), TypeError, "keys"), ((k, k[:, :1], 4, 8), ValueError, "values"),
+                              ((k[:, :, :12], k[:, :, :12], 4, 8), ValueError, "tokens"), ((k, k, 3, 8), ValueError, "bits"),
+                              ((k, k, 2, 6), ValueError, "group")]:
+        with pytest.raises(error, match=name):
+            ops.kv_quantize(*args, backend=backend)
+
+
+def test_quantize_opcheck():
+    k = torch.randn(1, 2, 16, 8).to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.lowbit.kv_quantize.default, (k, k * 2, 4, 8))

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <tuple>
 
 #include "bindings/common.h"
 #include "cpu/kv.h"
@@ -92,8 +93,45 @@ at::Tensor kv_decode_attention_cpu(const at::Tensor& query_in, const at::Tensor&
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> kv_quantize_cpu(
+    const at::Tensor& keys_in, const at::Tensor& values_in, int64_t bits, int64_t group) {
+  TORCH_CHECK_VALUE(bits == 2 || bits == 4 || bits == 8, "bits must be one of 2, 4, 8, got ", bits);
+  TORCH_CHECK_VALUE(group >= 1 && group % (8 / bits) == 0, "group must be a positive multiple of ", 8 / bits,
+                    " (the codes a byte holds at ", bits, " bits), got ", group);
+  const at::ScalarType dt = keys_in.scalar_type();
+  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                   "keys must be bfloat16, float16 or float32, got ", dtype_name(dt));
+  TORCH_CHECK_VALUE(keys_in.dim() == 4, "keys must be [batch, heads, tokens, head_dim], got ", keys_in.sizes());
+  TORCH_CHECK_VALUE(values_in.scalar_type() == dt && values_in.sizes() == keys_in.sizes(),
+                    "values must match keys (", dtype_name(dt), " ", keys_in.sizes(), "), got ",
+                    dtype_name(values_in.scalar_type()), " ", values_in.sizes());
+  const int64_t B = keys_in.size(0), H = keys_in.size(1), T = keys_in.size(2), D = keys_in.size(3);
+  TORCH_CHECK_VALUE(T % group == 0, "keys hold ", T, " tokens, not a multiple of group (", group,
+                    "): keys are quantized in whole blocks");
+  TORCH_CHECK_VALUE(D % group == 0, "head_dim (", D, ") must be a multiple of group (", group, ")");
+  const at::Tensor keys = keys_in.contiguous(), values = values_in.contiguous();
+  const auto u8 = keys.options().dtype(at::kByte);
+  at::Tensor k_codes = at::empty({B, H, T / group, D, group * bits / 8}, u8);
+  at::Tensor k_scale = at::empty({B, H, T / group, D}, keys.options()), k_zero = at::empty_like(k_scale);
+  at::Tensor v_codes = at::empty({B, H, T, D * bits / 8}, u8);
+  at::Tensor v_scale = at::empty({B, H, T, D / group}, keys.options()), v_zero = at::empty_like(v_scale);
+  if (keys.numel() > 0) {
+    dispatch_float_dtype(dt, "keys", [&](auto type) {
+      using S = typename decltype(type)::type;
+      cpu::kv::quantize<S>(keys.const_data_ptr<S>(), values.const_data_ptr<S>(), B, H, T, D, group,
+                           static_cast<int>(bits), k_codes.data_ptr<uint8_t>(), k_scale.data_ptr<S>(),
+                           k_zero.data_ptr<S>(), v_codes.data_ptr<uint8_t>(), v_scale.data_ptr<S>(),
+                           v_zero.data_ptr<S>());
+    });
+  }
+  return {k_codes, k_scale, k_zero, v_codes, v_scale, v_zero};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lowbit, CPU, m) { m.impl("kv_decode_attention", &kv_decode_attention_cpu); }
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("kv_decode_attention", &kv_decode_attention_cpu);
+  m.impl("kv_quantize", &kv_quantize_cpu);
+}
 
 }  // namespace lowbit

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "isa.h"
@@ -102,6 +103,111 @@ void decode_attention(const DecodeArgs<T>& a) {
     }
   }
 }
+
+namespace {
+
+// The neighbour of s in T toward -inf (down) or +inf, as torch.nextafter gives it.
+template <typename T>
+T step_toward(T s, bool down) {
+  if constexpr (std::is_same_v<T, float>) {
+    return std::nextafter(s, down ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity());
+  } else {
+    uint16_t b;
+    std::memcpy(&b, &s, 2);
+    const bool negative = b & 0x8000u;
+    if ((b & 0x7FFFu) == 0) {
+      b = down ? 0x8001u : 0x0001u;  // from either zero to the smallest subnormal of the side
+    } else if (negative == down) {
+      ++b;  // away from zero
+    } else {
+      --b;
+    }
+    T out;
+    std::memcpy(&out, &b, 2);
+    return out;
+  }
+}
+
+// v (fp32) in T, rounded down (or up) where the nearest value lies on the wrong side.
+template <typename T>
+T round_toward(float v, bool down) {
+  const T s = static_cast<T>(v);
+  const float f = static_cast<float>(s);
+  return (down ? f > v : f < v) ? step_toward(s, down) : s;
+}
+
+// One group of n values (stride apart) -> codes [n] (0..2^bits-1), and its scale and zero.
+template <typename T>
+void quantize_group(const T* x, int64_t n, int64_t stride, int bits, uint8_t* codes, T* scale, T* zero) {
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(x[i * stride]);
+    nan |= v != v;
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();  // as torch.amin / amax propagate it
+  const int qmax = (1 << bits) - 1;
+  const T z = round_toward<T>(lo, true);
+  const T sc = round_toward<T>((hi - static_cast<float>(z)) / static_cast<float>(qmax), false);
+  *zero = z;
+  *scale = sc;
+  const float zf = static_cast<float>(z), sf = static_cast<float>(sc);
+  for (int64_t i = 0; i < n; ++i) {
+    float q = sf > 0.f ? std::nearbyint((static_cast<float>(x[i * stride]) - zf) / sf) : 0.f;
+    q = q != q ? 0.f : std::min(std::max(q, 0.f), static_cast<float>(qmax));
+    codes[i] = static_cast<uint8_t>(q);
+  }
+}
+
+// codes [n] (n a multiple of 8 / bits) packed into n * bits / 8 bytes, the lowest index lowest.
+inline void pack(const uint8_t* codes, int64_t n, int bits, uint8_t* out) {
+  const int per = 8 / bits;
+  for (int64_t k = 0; k < n / per; ++k) {
+    unsigned byte = 0;
+    for (int j = 0; j < per; ++j) byte |= static_cast<unsigned>(codes[k * per + j]) << (j * bits);
+    out[k] = static_cast<uint8_t>(byte);
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void quantize(const T* keys, const T* values, int64_t B, int64_t H, int64_t tokens, int64_t D, int64_t G, int bits,
+              uint8_t* k_codes, T* k_scale, T* k_zero, uint8_t* v_codes, T* v_scale, T* v_zero) {
+  const int64_t nb = tokens / G, pk = G * bits / 8, pv = D * bits / 8, jobs = B * H * nb;
+#pragma omp parallel num_threads(jobs * G * D >= (1 << 15) ? omp_get_max_threads() : 1)
+  {
+    std::vector<uint8_t> codes(static_cast<size_t>(std::max(G, D)));
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t bh = job / nb, j = job % nb;
+      const T* k = keys + (bh * tokens + j * G) * D;
+      for (int64_t d = 0; d < D; ++d) {  // keys: per channel over the block's tokens
+        const int64_t at = (bh * nb + j) * D + d;
+        quantize_group(k + d, G, D, bits, codes.data(), k_scale + at, k_zero + at);
+        pack(codes.data(), G, bits, k_codes + at * pk);
+      }
+      for (int64_t t = j * G; t < (j + 1) * G; ++t) {  // values: per token over groups of channels
+        const T* v = values + (bh * tokens + t) * D;
+        for (int64_t g = 0; g < D / G; ++g) {
+          const int64_t at = (bh * tokens + t) * (D / G) + g;
+          quantize_group(v + g * G, G, 1, bits, codes.data() + g * G, v_scale + at, v_zero + at);
+        }
+        pack(codes.data(), D, bits, v_codes + (bh * tokens + t) * pv);
+      }
+    }
+  }
+}
+
+template void quantize<float>(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int, uint8_t*,
+                              float*, float*, uint8_t*, float*, float*);
+template void quantize<c10::BFloat16>(const c10::BFloat16*, const c10::BFloat16*, int64_t, int64_t, int64_t, int64_t,
+                                      int64_t, int, uint8_t*, c10::BFloat16*, c10::BFloat16*, uint8_t*,
+                                      c10::BFloat16*, c10::BFloat16*);
+template void quantize<c10::Half>(const c10::Half*, const c10::Half*, int64_t, int64_t, int64_t, int64_t, int64_t, int,
+                                  uint8_t*, c10::Half*, c10::Half*, uint8_t*, c10::Half*, c10::Half*);
 
 template void decode_attention<float>(const DecodeArgs<float>&);
 template void decode_attention<c10::BFloat16>(const DecodeArgs<c10::BFloat16>&);

@@ -45,4 +45,14 @@ struct DecodeArgs {
 template <typename T>
 void decode_attention(const DecodeArgs<T>& a);
 
+// Whole blocks of keys and values [B][H][T][D] (contiguous, T a multiple of G) in the packed form,
+// bit for bit as the reference for finite states (python/lowbit/reference/kv.py): per group, the
+// zero is its minimum rounded down to T, the scale (max - zero) / (2^bits - 1) rounded up to T, a
+// code round-half-even((x - zero) / scale) (0 where the scale is 0). Outputs: k_codes
+// [B][H][T/G][D][G*bits/8], k_scale / k_zero [B][H][T/G][D], v_codes [B][H][T][D*bits/8], v_scale /
+// v_zero [B][H][T][D/G]. OpenMP over (batch row, head, block).
+template <typename T>
+void quantize(const T* keys, const T* values, int64_t B, int64_t H, int64_t tokens, int64_t D, int64_t G, int bits,
+              uint8_t* k_codes, T* k_scale, T* k_zero, uint8_t* v_codes, T* v_scale, T* v_zero);
+
 }  // namespace lowbit::cpu::kv

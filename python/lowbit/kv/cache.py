@@ -106,9 +106,14 @@ class QuantizedKVLayer(CacheLayerMixin):
         self.batch, self.heads, self.head_dim = key_states.shape[0], key_states.shape[1], head_dim
         self.keys = key_states.new_empty((self.batch, self.heads, 0, head_dim))
         self.values = value_states.new_empty((self.batch, self.heads, 0, head_dim))
-        # The packed attention's kernel, chosen once for the layer's device (lowbit.ops' rule).
-        self.attention_op = op("kv_decode_attention", None, self.device)
+        self.resolve_ops()
         self.is_initialized = True
+
+    def resolve_ops(self) -> None:
+        """The kernels of the packed attention and of quantizing on flush, chosen once for the layer's
+        device (lowbit.ops' rule)."""
+        self.attention_op = op("kv_decode_attention", None, self.device)
+        self.quantize_op = op("kv_quantize", None, self.device)
 
     def packed_tokens(self) -> int:
         return self.blocks * self.group_size
@@ -158,9 +163,7 @@ class QuantizedKVLayer(CacheLayerMixin):
         n = excess // self.group_size * self.group_size if excess >= self.group_size else 0
         if n:
             k, v = self.keys[:, :, :n], self.values[:, :, :n]
-            kc, ks, kz = _ref.quantize_keys(k, self.bits, self.group_size)
-            vc, vs, vz = _ref.quantize_values(v, self.bits, self.group_size)
-            self._append_blocks(kc, ks, kz, vc, vs, vz)
+            self._append_blocks(*self.quantize_op(k, v, self.bits, self.group_size))
             self.keys, self.values = self.keys[:, :, n:].contiguous(), self.values[:, :, n:].contiguous()
         self._dense = {}
 

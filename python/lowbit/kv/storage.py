@@ -71,7 +71,6 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu"):
     from safetensors.torch import load_file
 
     from lowbit.kv.cache import QuantizedKVCache, QuantizedKVLayer
-    from lowbit.ops import op
 
     path = Path(path)
     if not path.is_file():
@@ -107,7 +106,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu"):
         layer = QuantizedKVLayer(f["bits"], f["group_size"], f["residual_length"], window)
         t = {name: DFloatTensor.from_dict(d, f"layers.{i}.{name}.").decompress().to(device) for name in TENSORS}
         _restore(layer, t, meta, f, device, path)
-        layer.attention_op = op("kv_decode_attention", None, device)
+        layer.resolve_ops()
         layers.append(layer)
     cache.layers = layers
     cache.layer_class_to_replicate = None

@@ -15,7 +15,7 @@ from lowbit.ops.bitpack import pack_bits, unpack_bits
 from lowbit.ops.codebook import codebook_dequantize, codebook_matmul, codebook_nearest
 from lowbit.ops.dfloat import MAX_WINDOW_BITS, MAX_WINDOWS_PER_BLOCK, dfloat_decode, dfloat_gemv
 from lowbit.ops.int8 import int8_gemv, int8_linear, int8_matmul, int8_prepass
-from lowbit.ops.kv import kv_decode_attention
+from lowbit.ops.kv import kv_decode_attention, kv_quantize
 
 # The schemas exist now, so the extension's kernels can attach to them.
 _native.status()
@@ -23,6 +23,6 @@ _native.status()
 __all__ = [
     "MAX_WINDOWS_PER_BLOCK", "MAX_WINDOW_BITS", "available", "codebook_dequantize", "codebook_matmul",
     "codebook_nearest", "definitions", "dfloat_decode", "dfloat_gemv",
-    "implementations", "int8_gemv", "int8_linear", "int8_matmul", "int8_prepass", "kv_decode_attention", "op", "pack_bits", "requested",
-    "resolve", "unpack_bits", "why_unavailable",
+    "implementations", "int8_gemv", "int8_linear", "int8_matmul", "int8_prepass", "kv_decode_attention",
+    "kv_quantize", "op", "pack_bits", "requested", "resolve", "unpack_bits", "why_unavailable",
 ]

@@ -101,3 +101,51 @@ def kv_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     L, D] in query's dtype."""
     return op("kv_decode_attention", backend, query.device)(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                             k_residual, v_residual, mask, bits, group, scaling)
+
+
+def check_quantize(keys, values, bits, group):
+    if bits not in _ref.SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {_ref.SUPPORTED_BITS}, got {bits}")
+    if group < 1 or group % (8 // bits):
+        raise ValueError(f"group must be a positive multiple of {8 // bits} (the codes a byte holds at {bits} bits), "
+                         f"got {group}")
+    if keys.dtype not in _FLOATS:
+        raise TypeError(f"keys must be bfloat16, float16 or float32, got {_name(keys.dtype)}")
+    if keys.dim() != 4:
+        raise ValueError(f"keys must be [batch, heads, tokens, head_dim], got shape {list(keys.shape)}")
+    if values.dtype != keys.dtype or values.shape != keys.shape or values.device != keys.device:
+        raise ValueError(f"values must match keys ({_name(keys.dtype)} {list(keys.shape)} on {keys.device}), got "
+                         f"{_name(values.dtype)} {list(values.shape)} on {values.device}")
+    t, d = keys.shape[2], keys.shape[3]
+    if t % group:
+        raise ValueError(f"keys hold {t} tokens, not a multiple of group ({group}): keys are quantized in whole blocks")
+    if d % group:
+        raise ValueError(f"head_dim ({d}) must be a multiple of group ({group})")
+
+
+def _fake_quantize(keys, values, bits, group):
+    check_quantize(keys, values, bits, group)
+    b, h, t, d = keys.shape
+    u8 = dict(dtype=torch.uint8)
+    return (keys.new_empty((b, h, t // group, d, packed_length(group, bits)), **u8),
+            keys.new_empty((b, h, t // group, d)), keys.new_empty((b, h, t // group, d)),
+            keys.new_empty((b, h, t, packed_length(d, bits)), **u8),
+            keys.new_empty((b, h, t, d // group)), keys.new_empty((b, h, t, d // group)))
+
+
+def _reference_quantize(keys, values, bits, group):
+    check_quantize(keys, values, bits, group)
+    return (*_ref.quantize_keys(keys, bits, group), *_ref.quantize_values(values, bits, group))
+
+
+define("kv_quantize", "(Tensor keys, Tensor values, int bits, int group) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+       "Tensor)", fake=_fake_quantize, reference=_reference_quantize, native=("cpu",))
+
+
+def kv_quantize(keys, values, bits, group, *, backend=None):
+    """Whole blocks of a layer's keys and values [B, H, T, D] (T a multiple of ``group``) in the
+    packed form (docs/formats.md "kv"): (k_codes [B, H, T/group, D, packed_length(group, bits)],
+    k_scale, k_zero [B, H, T/group, D], v_codes [B, H, T, packed_length(D, bits)], v_scale, v_zero
+    [B, H, T, D/group]), scales and zeros of the states' dtype; equal bit for bit to
+    ``lowbit.reference.kv`` for finite states."""
+    return op("kv_quantize", backend, keys.device)(keys, values, bits, group)
