@@ -272,6 +272,35 @@ def _codebook_launches():
             _meta(65536, g, dtype=torch.float32))
 
 
+def _kv_launches():
+    from lowbit.triton_kernels import kv
+
+    def attend(hq, hkv, length, d, g, bits, tokens, dtype, masked):
+        nb = (tokens - 32) // g
+        r = tokens - nb * g
+        u8 = torch.uint8
+        args = (_meta(1, hq, length, d, dtype=dtype), _meta(1, hkv, nb, d, g * bits // 8, dtype=u8),
+                _meta(1, hkv, nb, d, dtype=dtype), _meta(1, hkv, nb, d, dtype=dtype),
+                _meta(1, hkv, nb * g, d * bits // 8, dtype=u8), _meta(1, hkv, nb * g, d // g, dtype=dtype),
+                _meta(1, hkv, nb * g, d // g, dtype=dtype), _meta(1, hkv, r, d, dtype=dtype),
+                _meta(1, hkv, r, d, dtype=dtype))
+        mask = _meta(1, 1, length, tokens, dtype=torch.bool) if masked else None
+        return lambda: kv.decode_attention(*args, mask, bits, g, d ** -0.5)
+
+    # SmolLM2's 9/3 heads of 64 at every bit width; 32/8 heads of 128 in every dtype; 16 queries
+    # with a padding mask; groups of 32.
+    for bits in (2, 4, 8):
+        yield "_kv_decode_attention_kernel", f"9-3-64-g64-{bits}bit-bf16", attend(9, 3, 1, 64, 64, bits, 16384,
+                                                                                  torch.bfloat16, False)
+    for dtype in FLOAT_DTYPES:
+        yield "_kv_decode_attention_kernel", f"32-8-128-g64-4bit-{_DTYPE[dtype]}", attend(32, 8, 1, 128, 64, 4, 65536,
+                                                                                         dtype, False)
+    yield "_kv_decode_attention_kernel", "32-8-128-g64-4bit-bf16-l16-mask", attend(32, 8, 16, 128, 64, 4, 16384,
+                                                                                  torch.bfloat16, True)
+    yield "_kv_decode_attention_kernel", "9-3-64-g32-2bit-fp16", attend(9, 3, 1, 64, 32, 2, 4096, torch.float16,
+                                                                        False)
+
+
 # module -> its launches: (kernel, variant name, a launcher call), each called as soon as it is
 # yielded (so a lambda may use the loop's variables).
 LAUNCHES = {
@@ -279,6 +308,7 @@ LAUNCHES = {
     "lowbit.triton_kernels.codebook": _codebook_launches,
     "lowbit.triton_kernels.dfloat": _dfloat_launches,
     "lowbit.triton_kernels.int8": _int8_launches,
+    "lowbit.triton_kernels.kv": _kv_launches,
 }
 
 

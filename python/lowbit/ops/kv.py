@@ -88,7 +88,8 @@ define("kv_decode_attention",
        "(Tensor query, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, Tensor v_scale, "
        "Tensor v_zero, Tensor k_residual, Tensor v_residual, Tensor? mask, int bits, int group, float scaling) "
        "-> Tensor",
-       fake=_fake_decode_attention, reference=_reference_decode_attention, native=("cpu",))
+       fake=_fake_decode_attention, reference=_reference_decode_attention, native=("cpu",),
+       triton="lowbit.triton_kernels.kv")
 
 
 def kv_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, mask,
