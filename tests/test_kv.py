@@ -347,3 +347,23 @@ def test_a_cache_used_with_another_model_is_refused(tmp_path):
         num_key_value_heads=4, head_dim=16, max_position_embeddings=256)).eval()
     with pytest.raises(ValueError, match="do not continue"):
         _prefilled(wider, ids[:, -1:], kv.QuantizedKVCache.load(tmp_path / "c.st"))
+
+
+def test_gemma3_style_mixed_layers():
+    """A config whose layer_types mix sliding and full attention (Gemma 3): sliding layers keep only
+    their window, full layers keep everything, and generation matches SDPA over the same cache."""
+    cfg = transformers.Gemma3TextConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=256, sliding_window=16,
+                                        layer_types=["sliding_attention", "full_attention"] * 2)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 96, (1, 60), generator=torch.Generator().manual_seed(10))
+    cache = kv.QuantizedKVCache(4, 8, 8, config=model.config)
+    assert [layer.sliding_window for layer in cache.layers] == [16, None, 16, None]
+    seq_l, _ = _generate(model, ids, cache, "lowbit")
+    seq_s, _ = _generate(model, ids, kv.QuantizedKVCache(4, 8, 8, config=model.config), "sdpa")
+    assert torch.equal(seq_l, seq_s)
+    sliding, full = cache.layers[0], cache.layers[1]
+    assert sliding.dropped > 0 and sliding.kept_tokens() < 16 + 8 + 2 * 8
+    assert full.dropped == 0 and full.kept_tokens() == full.get_seq_length() == 83
