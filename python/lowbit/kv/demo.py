@@ -40,24 +40,36 @@ def demo(device: torch.device) -> bool:
         for backend in lowbit.ops.implementations("kv_decode_attention"):
             if backend == "reference" or lowbit.ops.why_unavailable(backend, device) is not None:
                 continue
-            got = lowbit.ops.kv_decode_attention(*args, None, bits, GROUP, d ** -0.5, backend=backend).float()
-            same = torch.allclose(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+            cache_note = f"cache {size / 2**20:.2f} MB ({dense_bytes / size:.2f}x smaller than bf16)"
+            if backend == "triton" and device.type == "cpu":
+                # Triton's interpreter: the first blocks only, untimed.
+                small = [x[:, :, :2] if i in (1, 2, 3) else x[:, :, :2 * GROUP] if i in (4, 5, 6) else x
+                         for i, x in enumerate(args)]
+                got = lowbit.ops.kv_decode_attention(*small, None, bits, GROUP, d ** -0.5, backend=backend).float()
+                expected = lowbit.ops.kv_decode_attention(*small, None, bits, GROUP, d ** -0.5,
+                                                          backend="reference").float()
+                note = "(interpreted, 2 blocks)"
+            else:
+                got = lowbit.ops.kv_decode_attention(*args, None, bits, GROUP, d ** -0.5, backend=backend).float()
+                expected = want
+                seconds = median_seconds(lambda: lowbit.ops.kv_decode_attention(
+                    *args, None, bits, GROUP, d ** -0.5, backend=backend), device)
+                note = f"{cache_note}  {seconds * 1e3:.3f} ms, {dense_time / seconds:.2f}x SDPA on the dense cache"
+            same = torch.allclose(got, expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
             ok &= same
-            seconds = median_seconds(
-                lambda: lowbit.ops.kv_decode_attention(*args, None, bits, GROUP, d ** -0.5, backend=backend), device)
-            print(f"  {bits}-bit  {backend:<6} matches the reference: {'yes' if same else 'NO'}  cache "
-                  f"{size / 2**20:.2f} MB ({dense_bytes / size:.2f}x smaller than bf16)  {seconds * 1e3:.3f} ms, "
-                  f"{dense_time / seconds:.2f}x SDPA on the dense cache")
+            print(f"  {bits}-bit  {backend:<6} matches the reference: {'yes' if same else 'NO'}  {note}")
     return ok
 
 
 def model_part(*, quick: bool, progress: bool) -> bool:
-    """SmolLM2 (fp32) decoding token by token through a 4-bit cache against the dense one; the
-    promise: perplexity within MAX_PERPLEXITY_CHANGE of the dense cache's."""
+    """SmolLM2 (fp32) decoding 512 tokens one by one through a 4-bit cache against the dense one
+    (``quick`` changes nothing here); the promise: perplexity within MAX_PERPLEXITY_CHANGE of the
+    dense cache's."""
     from lowbit import evaluation
     from lowbit.kv import evaluation as kv_evaluation
 
-    prompt, decoded = (256, 64) if quick else (512, 256)
+    # 512 decoded tokens even when quick: the perplexity of fewer moves by more than the promise.
+    prompt, decoded = 512, 512
     model, tokenizer = evaluation.load_dense(evaluation.MODEL)
     print(f"\nkv cache on SmolLM2: {prompt} tokens prefilled, then {decoded} fed one at a time through the cache")
     result = kv_evaluation.evaluate(model, tokenizer, 4, group_size=GROUP, residual_length=RESIDUAL,
