@@ -232,36 +232,45 @@ def test_quantize_opcheck():
     torch.library.opcheck(torch.ops.lowbit.kv_quantize.default, (k, k * 2, 4, 8))
 
 
-# -- the Triton kernel (interpreted on CPU tensors) ------------------------------------------------------
+# -- the Triton kernel (interpreted on CPU tensors; compiled on a GPU) -------------------------------------
+@pytest.fixture(params=[pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)])
+def triton_device(request):
+    skip_unless_available("triton", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=param_id)
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_triton_matches_reference(shape, bits):
-    skip_unless_available("triton", "cpu")
+def test_triton_matches_reference(shape, bits, triton_device):
     args, keys, values = make(shape, bits, torch.float32 if bits != 4 else torch.bfloat16, seed=11)
+    args = [t.to(triton_device) for t in args]
+    keys, values = keys.to(triton_device), values.to(triton_device)
     q = args[0]
     scaling = q.shape[-1] ** -0.5
     got = ops.kv_decode_attention(*args, None, bits, shape[5], scaling, backend="triton")
     want = ops.kv_decode_attention(*args, None, bits, shape[5], scaling, backend="reference")
-    bound = kv_attention_bound(q, keys, values, None, scaling, want)
-    assert got.dtype == q.dtype and bool(((got.double() - want.double()).abs() <= bound).all())
+    bound = kv_attention_bound(q.cpu(), keys.cpu(), values.cpu(), None, scaling, want.cpu())
+    assert got.dtype == q.dtype and bool(((got.double().cpu() - want.double().cpu()).abs() <= bound).all())
 
 
-def test_triton_masks_and_long_contexts():
-    skip_unless_available("triton", "cpu")
+def test_triton_masks_and_long_contexts(triton_device):
     shape = (2, 4, 2, 2, 16, 8, 40, 9)
     args, keys, values = make(shape, 4, torch.float32, seed=12)
+    args = [t.to(triton_device) for t in args]
     b, hq, _, length, _, g, nb, r = shape
     total = nb * g + r
     mask = torch.rand(b, hq, length, total, generator=torch.Generator().manual_seed(3)) > 0.4
     mask[1, 2, 0] = False
+    mask = mask.to(triton_device)
     for m in (mask, mask[:1, :1], None):
-        want = ops.kv_decode_attention(*args, m, 4, g, 0.25, backend="reference")
-        got = ops.kv_decode_attention(*args, m, 4, g, 0.25, backend="triton")
-        bound = kv_attention_bound(args[0], keys, values, m, 0.25, want)
+        want = ops.kv_decode_attention(*args, m, 4, g, 0.25, backend="reference").cpu()
+        got = ops.kv_decode_attention(*args, m, 4, g, 0.25, backend="triton").cpu()
+        bound = kv_attention_bound(args[0].cpu(), keys, values, None if m is None else m.cpu(), 0.25, want)
         assert bool(((got.double() - want.double()).abs() <= bound).all())
     got = ops.kv_decode_attention(*args, mask, 4, g, 0.25, backend="triton")
     assert torch.equal(got[1, 2, 0], torch.zeros_like(got[1, 2, 0]))  # a query that sees nothing
     # The registered Triton op's schema (the interpreter runs kernels on real data only: fake-tensor
     # checks of the Triton op run on GPUs).
-    triton_op = ops.op("kv_decode_attention", "triton", "cpu")
-    torch.library.opcheck(triton_op, (*args, mask, 4, g, 0.25), test_utils=("test_schema", "test_autograd_registration"))
+    triton_op = ops.op("kv_decode_attention", "triton", triton_device)
+    utils = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if triton_device == "cuda" else ())
+    torch.library.opcheck(triton_op, (*args, mask, 4, g, 0.25), test_utils=utils)
