@@ -29,25 +29,30 @@ def _packed(k, v, bits):
     return (kc, ks, kz, vc, vs, vz, k[:, :, n:].contiguous(), v[:, :, n:].contiguous())
 
 
-def _cases(quick):
+def _cases(quick, device):
     if quick:
         return [(shape, 2048, 4) for shape in SHAPES]
+    if device.type == "cuda":  # 32k tokens, fp16 (the GPU targets' setting)
+        return [(shape, 32768, b) for shape in SHAPES for b in (4, 2)]
     return [(shape, t, 4) for shape in SHAPES for t in CONTEXTS] + [(SHAPES[0], 16384, b) for b in (2, 8)]
 
 
 @pytest.mark.parametrize("index", range(len(CONTEXTS) * len(SHAPES) + 2))
 def test_decode_attention_vs_sdpa(benchmark, device, quick, index):
-    cases = _cases(quick)
+    cases = _cases(quick, device)
     if index >= len(cases):
-        pytest.skip("not in the quick set")
+        pytest.skip("not in this device's or the quick set")
     (hq, hkv, d), t, bits = cases[index]
-    if device.type != "cpu":
-        pytest.skip("the kv decode kernel runs on CPU tensors (GPU kernels are not built yet)")
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     gen = torch.Generator().manual_seed(0)
-    k = torch.randn(1, hkv, t, d, generator=gen).to(torch.bfloat16)
-    v = torch.randn(1, hkv, t, d, generator=gen).to(torch.bfloat16)
-    q = torch.randn(1, hq, 1, d, generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, hkv, t, d, generator=gen).to(dtype)
+    v = torch.randn(1, hkv, t, d, generator=gen).to(dtype)
+    q = torch.randn(1, hq, 1, d, generator=gen).to(dtype)
     packed = _packed(k, v, bits)
+    if device.type == "cuda":
+        _measure_gpu(benchmark, device, q, k, v, packed, bits, f"kv decode attention {hq}/{hkv} heads of {d}, "
+                     f"{t} tokens, {bits}-bit")
+        return
     k32, v32, q32 = k.float(), v.float(), q.float()
     name = f"kv decode attention {hq}/{hkv} heads of {d}, {t} tokens, {bits}-bit"
     shapes = {"query": [1, hq, 1, d], "cache": [1, hkv, t, d]}
@@ -70,6 +75,29 @@ def test_decode_attention_vs_sdpa(benchmark, device, quick, index):
     with torch.inference_mode():
         records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 15)
     harness.pair_fastest_dense(records)
+
+
+def _measure_gpu(benchmark, device, q, k, v, packed, bits, name):
+    """On a GPU: SDPA (flash / efficient kernels) on the dense fp16 cache against lowbit's Triton
+    kernel on the packed one, CUDA-graph timed over copies larger than L2 (harness.measure)."""
+    from harness import measure
+
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    packed = tuple(x.to(device) for x in packed)
+    d = q.shape[-1]
+    shapes = {"query": list(q.shape), "cache": list(k.shape)}
+    packed_bytes = sum(x.numel() * x.element_size() for x in packed)
+
+    def case(backend, nbytes, label):
+        return Case(op="kv_decode_attention", case=name, backend=backend, shapes=shapes, dtype="fp16",
+                    bytes_moved=nbytes, flops=4 * q.shape[1] * k.shape[2] * d,
+                    extra={"name": label, "bits": bits, "group": GROUP, "residual": RESIDUAL})
+
+    measure(benchmark, case("baseline", 2 * k.numel() * 2, "SDPA fp16 (dense cache)"),
+            lambda kk, vv: F.scaled_dot_product_attention(q, kk, vv, enable_gqa=True), device, weights=(k, v))
+    measure(benchmark, case("triton", packed_bytes, f"lowbit {bits}-bit packed (Triton)"),
+            lambda *p: ops.kv_decode_attention(q, *p, None, bits, GROUP, d ** -0.5, backend="triton"), device,
+            weights=packed)
 
 
 def _transformers_cache(backend, model, bits):

@@ -153,7 +153,7 @@ step_sanitize() {
   return "$rc"
 }
 
-BENCH_K=${LOWBIT_GPU_BENCH:-gpu_decode or gpu_fused_gemv or int8_linear_vs_bf16 or codebook_linear_vs_dense or (bitpack and bits4)}
+BENCH_K=${LOWBIT_GPU_BENCH:-gpu_decode or gpu_fused_gemv or int8_linear_vs_bf16 or codebook_linear_vs_dense or (bitpack and bits4) or decode_attention_vs_sdpa}
 
 step_bench() {
   local args=(-q -p no:cacheprovider --benchmark-disable-gc "--benchmark-columns=median,iqr,rounds" -k "$BENCH_K")
