@@ -60,6 +60,10 @@ CALLS = [
      lambda i, b: ops.codebook_matmul(i.cb_x[:5], *i.cb_1x16, None, backend=b)),
     ("codebook_matmul 1x16g4 33x1032 -> 7", ("cuda", "triton"), False,
      lambda i, b: ops.codebook_matmul(i.cb_x, *i.cb_1x16, None, backend=b)),
+    ("kv_decode_attention 4b 9/3 heads of 48, 5 blocks of 16 + 7, masked", ("triton",), False,
+     lambda i, b: ops.kv_decode_attention(i.kv_q, *i.kv_packed, i.kv_mask, 4, 16, 0.125, backend=b)),
+    ("kv_decode_attention 2b 4/4 heads of 32, 3 queries, residual only", ("triton",), False,
+     lambda i, b: ops.kv_decode_attention(i.kv_q3, *i.kv_residual_only, None, 2, 8, 0.2, backend=b)),
 ]
 REL_TOL = 1e-2  # bf16 outputs of the same fp32 sums in another order differ by a few eps at most
 
@@ -97,6 +101,17 @@ def build_inputs(device: torch.device) -> SimpleNamespace:
                 randn(97, 1, 1, 1, scale=0.05, dtype=torch.float16))
     i.cb_1x16 = (torch.randint(-32768, 32768, (7, 258, 1), generator=g, dtype=torch.int16),
                  randn(1, 65536, 1, 4, scale=0.5), randn(7, 1, 1, 1, scale=0.05, dtype=torch.float32))
+
+    # kv: 2 rows of 9 query / 3 KV heads of 48 over 5 packed blocks of 16 tokens and a residual of 7,
+    # a padding mask; and a cache with nothing packed yet.
+    k, v = randn(2, 3, 80, 48), randn(2, 3, 80, 48)
+    i.kv_q = randn(2, 9, 1, 48)
+    i.kv_packed = (*ops.kv_quantize(k, v, 4, 16, backend="reference"), randn(2, 3, 7, 48), randn(2, 3, 7, 48))
+    i.kv_mask = torch.ones(2, 1, 1, 87, dtype=torch.bool)
+    i.kv_mask[0, :, :, :10] = False
+    empty = ops.kv_quantize(randn(1, 4, 0, 32), randn(1, 4, 0, 32), 2, 8, backend="reference")
+    i.kv_q3 = randn(1, 4, 3, 32)
+    i.kv_residual_only = (*empty, randn(1, 4, 6, 32), randn(1, 4, 6, 32))
 
     moved = SimpleNamespace()
     for name, value in vars(i).items():
