@@ -5,6 +5,8 @@
 
 #include <stdint.h>
 
+#include <type_traits>
+
 #include <c10/util/BFloat16.h>
 
 namespace lowbit::cpu::codebook {
@@ -37,6 +39,26 @@ void decode_rows(const Layer& w, int64_t n0, int64_t n1, T* out);
 // holds codebook 0's entry a plus codebook 1's entry b). Rows K = G * g apart.
 template <typename T>
 void decode_table_rows(const Layer& w, const T* table, int64_t n0, int64_t n1, T* out);
+
+// Calls fn(C, k16, G) with the layer's configuration as compile-time constants
+// (std::integral_constant / std::bool_constant): one codebook or two, 16-bit codes or 8-bit, groups of
+// 8 or 4. Two codebooks of 16-bit codes, which no decode table covers, are the callers' to refuse.
+template <typename Fn>
+void with_configuration(const Layer& w, Fn&& fn) {
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  using G8 = std::integral_constant<int, 8>;
+  using G4 = std::integral_constant<int, 4>;
+  const bool k16 = w.codes16 != nullptr;
+  if (w.g == 8) {
+    if (k16) return fn(One{}, std::true_type{}, G8{});
+    if (w.C == 2) return fn(Two{}, std::false_type{}, G8{});
+    return fn(One{}, std::false_type{}, G8{});
+  }
+  if (k16) return fn(One{}, std::true_type{}, G4{});
+  if (w.C == 2) return fn(Two{}, std::false_type{}, G4{});
+  fn(One{}, std::false_type{}, G4{});
+}
 
 // Whether matmul_amx_bf16 runs: AMX-BF16 and the tile state (int8_gemm.h, amx_available).
 bool amx_bf16_available();

@@ -333,15 +333,7 @@ bool amx_bf16_available() {
 
 void matmul_amx_bf16(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16* table, const float* bias,
                      c10::BFloat16* y) {
-  const bool k16 = w.codes16 != nullptr;
-  if (w.g == 8) {
-    if (k16) return run<1, true, 8>(x, M, w, table, bias, y);
-    if (w.C == 2) return run<2, false, 8>(x, M, w, table, bias, y);
-    return run<1, false, 8>(x, M, w, table, bias, y);
-  }
-  if (k16) return run<1, true, 4>(x, M, w, table, bias, y);
-  if (w.C == 2) return run<2, false, 4>(x, M, w, table, bias, y);
-  run<1, false, 4>(x, M, w, table, bias, y);
+  with_configuration(w, [&](auto c, auto k16, auto g) { run<c(), k16(), g()>(x, M, w, table, bias, y); });
 }
 
 #else

@@ -109,6 +109,18 @@ def cmd_demo(args) -> int:
     return 0 if not failed else 1
 
 
+def _report(args, doc: dict, table) -> int:
+    """--json - prints ``doc`` as JSON; otherwise the table, and ``doc`` written to --json if given."""
+    if args.json == "-":
+        print(json.dumps(doc, indent=1))
+        return 0
+    print(table())
+    if args.json:
+        written = lowbit.files.write_text(args.json, json.dumps(doc, indent=1), what="--json")
+        print(f"results: {written}")
+    return 0
+
+
 def _eval_kv(args) -> int:
     """--kv-bits: the dense KV cache against lowbit's quantized one, decoded token by token, on the
     model's weights as --method leaves them."""
@@ -131,14 +143,7 @@ def _eval_kv(args) -> int:
                                     decode_tokens=args.kv_decode_tokens, progress=not args.quiet)
     doc = {"model": args.model, "method": args.method, "text": "pydoc_data.topics",
            "torch_threads": torch.get_num_threads(), "cpu": evaluation.cpu_facts(), "kv": result}
-    if args.json == "-":
-        print(json.dumps(doc, indent=1))
-        return 0
-    print(kv_evaluation.table(result))
-    if args.json:
-        written = lowbit.files.write_text(args.json, json.dumps(doc, indent=1), what="--json")
-        print(f"results: {written}")
-    return 0
+    return _report(args, doc, lambda: kv_evaluation.table(result))
 
 
 def cmd_eval(args) -> int:
@@ -164,14 +169,7 @@ def cmd_eval(args) -> int:
     doc = {"model": args.model, "tokens": args.tokens, "window": args.window, "text": "pydoc_data.topics",
            "torch_threads": torch.get_num_threads(), "cpu": lowbit.evaluation.cpu_facts(),
            "results": [r.to_dict() for r in results]}
-    if args.json == "-":
-        print(json.dumps(doc, indent=1))
-        return 0
-    print(evaluation.table(results))
-    if args.json:
-        written = lowbit.files.write_text(args.json, json.dumps(doc, indent=1), what="--json")
-        print(f"results: {written}")
-    return 0
+    return _report(args, doc, lambda: evaluation.table(results))
 
 
 def cmd_quantize(args) -> int:

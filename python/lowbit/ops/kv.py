@@ -17,13 +17,17 @@ def _name(dtype):
     return str(dtype)
 
 
-def check_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual,
-                           mask, bits, group, scaling):
+def _check_bits_group(bits, group):
     if bits not in _ref.SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {_ref.SUPPORTED_BITS}, got {bits}")
     if group < 1 or group % (8 // bits):
         raise ValueError(f"group must be a positive multiple of {8 // bits} (the codes a byte holds at {bits} bits), "
                          f"got {group}")
+
+
+def check_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual,
+                           mask, bits, group, scaling):
+    _check_bits_group(bits, group)
     if query.dtype not in _FLOATS:
         raise TypeError(f"query must be bfloat16, float16 or float32, got {_name(query.dtype)}")
     if query.dim() != 4:
@@ -105,11 +109,7 @@ def kv_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
 
 
 def check_quantize(keys, values, bits, group):
-    if bits not in _ref.SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {_ref.SUPPORTED_BITS}, got {bits}")
-    if group < 1 or group % (8 // bits):
-        raise ValueError(f"group must be a positive multiple of {8 // bits} (the codes a byte holds at {bits} bits), "
-                         f"got {group}")
+    _check_bits_group(bits, group)
     if keys.dtype not in _FLOATS:
         raise TypeError(f"keys must be bfloat16, float16 or float32, got {_name(keys.dtype)}")
     if keys.dim() != 4:
