@@ -22,7 +22,10 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (batch, query heads, kv heads, queries, head_dim, group, packed blocks, residual tokens)
 SHAPES = [(1, 1, 1, 1, 8, 8, 0, 3), (2, 6, 2, 1, 32, 8, 5, 0), (1, 9, 3, 1, 64, 32, 7, 17),
           (2, 4, 4, 3, 16, 4, 9, 5), (1, 8, 2, 16, 128, 64, 3, 40), (1, 2, 1, 2, 24, 8, 70, 11),
-          (1, 4, 2, 1, 48, 48, 3, 5)]
+          (1, 4, 2, 1, 48, 48, 3, 5),
+          # 16-byte rows for the AVX-512 table paths at 2 and 4 bits: pairs of them, an odd count, a
+          # single one per group, two groups per head.
+          (1, 9, 3, 1, 64, 64, 4, 70), (1, 3, 1, 2, 192, 96, 3, 5), (2, 9, 3, 1, 128, 128, 2, 3)]
 
 
 @pytest.fixture(autouse=True)
