@@ -92,7 +92,7 @@ define("kv_decode_attention",
        "(Tensor query, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, Tensor v_scale, "
        "Tensor v_zero, Tensor k_residual, Tensor v_residual, Tensor? mask, int bits, int group, float scaling) "
        "-> Tensor",
-       fake=_fake_decode_attention, reference=_reference_decode_attention, native=("cpu",),
+       fake=_fake_decode_attention, reference=_reference_decode_attention, native=("cpu", "cuda"),
        triton="lowbit.triton_kernels.kv")
 
 
@@ -140,7 +140,8 @@ def _reference_quantize(keys, values, bits, group):
 
 
 define("kv_quantize", "(Tensor keys, Tensor values, int bits, int group) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-       "Tensor)", fake=_fake_quantize, reference=_reference_quantize, native=("cpu",))
+       "Tensor)", fake=_fake_quantize, reference=_reference_quantize, native=("cpu", "cuda"),
+       triton="lowbit.triton_kernels.kv")
 
 
 def kv_quantize(keys, values, bits, group, *, backend=None):
