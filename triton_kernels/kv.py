@@ -241,6 +241,21 @@ def _kv_quantize_kernel(
     tl.store(zero_ptr + rr, zero, mask=r_ok)
 
 
+def quantize_groups(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rows: int,
+                    stride: int, bits: int, group: int) -> None:
+    """Quantizes the ``rows`` groups of ``group`` elements, ``stride`` apart, of x (contiguous) into
+    codes, scale and zero: keys with stride D (a group per block and channel), values with stride 1
+    (a group per token and G channels)."""
+    if rows == 0:
+        return
+    per = 8 // bits
+    block_k = triton.next_power_of_2(group // per)
+    block_r = max(1, 2048 // (block_k * per))
+    wrap_triton(_kv_quantize_kernel)[(triton.cdiv(rows, block_r),)](
+        x, codes, scale, zero, rows, stride, G=group, BITS=bits, STORE16=x.element_size() == 2, BLOCK_R=block_r,
+        BLOCK_K=block_k)
+
+
 def quantize(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int):
     """keys, values [B, H, T, D] -> (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) as
     ``lowbit.ops.kv_quantize`` documents them."""
@@ -252,14 +267,8 @@ def quantize(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int):
     out = (torch.empty((b, h, t // group, d, group // per), **u8), keys.new_empty((b, h, t // group, d)),
            keys.new_empty((b, h, t // group, d)), torch.empty((b, h, t, d // per), **u8),
            keys.new_empty((b, h, t, d // group)), keys.new_empty((b, h, t, d // group)))
-    block_k = triton.next_power_of_2(group // per)
-    block_r = max(1, 2048 // (block_k * per))
-    for x, codes, scale, zero, rows, stride in ((keys, *out[:3], b * h * (t // group) * d, d),
-                                                (values, *out[3:], b * h * t * (d // group), 1)):
-        if rows > 0:
-            wrap_triton(_kv_quantize_kernel)[(triton.cdiv(rows, block_r),)](
-                x, codes, scale, zero, rows, stride, G=group, BITS=bits, STORE16=keys.element_size() == 2,
-                BLOCK_R=block_r, BLOCK_K=block_k)
+    quantize_groups(keys, *out[:3], b * h * (t // group) * d, d, bits, group)
+    quantize_groups(values, *out[3:], b * h * t * (d // group), 1, bits, group)
     return out
 
 
