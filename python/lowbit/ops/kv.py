@@ -103,7 +103,7 @@ def kv_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     ``group`` channels, ``bits`` bits; docs/formats.md "kv"), then the residual window [B, Hkv, r,
     D]; K and V dequantized in fp32. mask: bool [1 or B, 1 or Hq, L, T] (True: attend), or None (the
     queries are the last L positions). Query head i reads KV head i // (Hq / Hkv). Returns [B, Hq,
-    L, D] in query's dtype."""
+    L, D] in query's dtype. The CUDA backend takes head_dim up to 256."""
     return op("kv_decode_attention", backend, query.device)(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                             k_residual, v_residual, mask, bits, group, scaling)
 
