@@ -60,10 +60,14 @@ CALLS = [
      lambda i, b: ops.codebook_matmul(i.cb_x[:5], *i.cb_1x16, None, backend=b)),
     ("codebook_matmul 1x16g4 33x1032 -> 7", ("cuda", "triton"), False,
      lambda i, b: ops.codebook_matmul(i.cb_x, *i.cb_1x16, None, backend=b)),
-    ("kv_decode_attention 4b 9/3 heads of 48, 5 blocks of 16 + 7, masked", ("triton",), False,
+    ("kv_decode_attention 4b 9/3 heads of 48, 5 blocks of 16 + 7, masked", ("cuda", "triton"), False,
      lambda i, b: ops.kv_decode_attention(i.kv_q, *i.kv_packed, i.kv_mask, 4, 16, 0.125, backend=b)),
-    ("kv_decode_attention 2b 4/4 heads of 32, 3 queries, residual only", ("triton",), False,
+    ("kv_decode_attention 2b 4/4 heads of 32, 3 queries, residual only", ("cuda", "triton"), False,
      lambda i, b: ops.kv_decode_attention(i.kv_q3, *i.kv_residual_only, None, 2, 8, 0.2, backend=b)),
+    ("kv_quantize 4b 2x3 heads of 48, 80 tokens, groups of 16", ("cuda", "triton"), True,
+     lambda i, b: ops.kv_quantize(i.kv_k, i.kv_v, 4, 16, backend=b)),
+    ("kv_quantize 2b 1x3 heads of 32, 24 tokens, groups of 8, views", ("cuda", "triton"), True,
+     lambda i, b: ops.kv_quantize(i.kv_k[:1, :, :24, :32], i.kv_v[1:, :, 8:32, 16:], 2, 8, backend=b)),
 ]
 REL_TOL = 1e-2  # bf16 outputs of the same fp32 sums in another order differ by a few eps at most
 
@@ -103,10 +107,12 @@ def build_inputs(device: torch.device) -> SimpleNamespace:
                  randn(1, 65536, 1, 4, scale=0.5), randn(7, 1, 1, 1, scale=0.05, dtype=torch.float32))
 
     # kv: 2 rows of 9 query / 3 KV heads of 48 over 5 packed blocks of 16 tokens and a residual of 7,
-    # a padding mask; and a cache with nothing packed yet.
-    k, v = randn(2, 3, 80, 48), randn(2, 3, 80, 48)
+    # a padding mask; and a cache with nothing packed yet. The states quantized are also quantized
+    # alone, and as views (copied by the ops).
+    i.kv_k, i.kv_v = randn(2, 3, 80, 48), randn(2, 3, 80, 48)
     i.kv_q = randn(2, 9, 1, 48)
-    i.kv_packed = (*ops.kv_quantize(k, v, 4, 16, backend="reference"), randn(2, 3, 7, 48), randn(2, 3, 7, 48))
+    i.kv_packed = (*ops.kv_quantize(i.kv_k, i.kv_v, 4, 16, backend="reference"), randn(2, 3, 7, 48),
+                   randn(2, 3, 7, 48))
     i.kv_mask = torch.ones(2, 1, 1, 87, dtype=torch.bool)
     i.kv_mask[0, :, :, :10] = False
     empty = ops.kv_quantize(randn(1, 4, 0, 32), randn(1, 4, 0, 32), 2, 8, backend="reference")

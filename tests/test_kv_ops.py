@@ -277,3 +277,56 @@ def test_triton_masks_and_long_contexts(triton_device):
     triton_op = ops.op("kv_decode_attention", "triton", triton_device)
     utils = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if triton_device == "cuda" else ())
     torch.library.opcheck(triton_op, (*args, mask, 4, g, 0.25), test_utils=utils)
+
+
+@pytest.mark.parametrize("shape,group", [((1, 2, 16, 8), 8), ((2, 1, 12, 12), 4), ((1, 1, 16, 48), 16)], ids=param_id)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=param_id)
+def test_triton_quantize_is_bit_exact_with_the_reference(shape, group, bits, dtype, triton_device):
+    if group % (8 // bits):
+        pytest.skip("the group must hold whole bytes of codes")
+    gen = torch.Generator().manual_seed(sum(shape) + bits)
+    keys = (torch.randn(shape, generator=gen) * torch.linspace(0.1, 8, shape[-1]) + 0.3).to(dtype)
+    values = torch.randn(shape, generator=gen).to(dtype)
+    got = ops.kv_quantize(keys.to(triton_device), values.to(triton_device), bits, group, backend="triton")
+    want = ops.kv_quantize(keys, values, bits, group, backend="reference")
+    for name, a, b in zip(("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"), got, want):
+        assert a.device.type == triton_device and a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(_as_bits(a.cpu()), _as_bits(b)), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=param_id)
+def test_triton_quantize_edges(dtype, triton_device):
+    """Constant groups, negative zeros, subnormals, a range near the dtype's largest value, and a
+    non-contiguous input: every byte as the reference's. (Triton's interpreter converts bfloat16
+    subnormals to fp32 wrongly, so on CPU tensors the bfloat16 case
+    scales its tiny values up until their scales and differences are normal.)"""
+    info = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(1, 4, 16, 8, generator=g)
+    keys[0, 0] = 0.375
+    keys[0, 1] = torch.tensor(-0.0)
+    interpreted_bf16 = dtype == torch.bfloat16 and triton_device == "cpu"
+    keys[0, 2] = torch.randn(16, 8, generator=g) * info.smallest_normal * (2 ** 10 if interpreted_bf16 else 1)
+    keys[0, 3] = torch.linspace(-info.max * 0.45, info.max * 0.45, 128).reshape(16, 8)
+    keys = keys.to(dtype)
+    values = keys.transpose(1, 2).contiguous().transpose(1, 2).flip(-1)  # [1, 4, 16, 8], strided
+    for bits in (2, 4, 8):
+        got = ops.kv_quantize(keys.to(triton_device), values.to(triton_device), bits, 8, backend="triton")
+        want = ops.kv_quantize(keys, values, bits, 8, backend="reference")
+        for a, b in zip(got, want):
+            assert torch.equal(_as_bits(a.cpu()), _as_bits(b))
+
+
+def test_triton_quantize_checks_and_schema(triton_device):
+    k = torch.randn(1, 2, 16, 8, device=triton_device)
+    with pytest.raises(ValueError, match="tokens"):
+        ops.kv_quantize(k[:, :, :12], k[:, :, :12], 4, 8, backend="triton")
+    with pytest.raises(ValueError, match="bits"):
+        ops.kv_quantize(k, k, 3, 8, backend="triton")
+    empty = ops.kv_quantize(k[:, :, :0], k[:, :, :0], 4, 8, backend="triton")
+    assert [tuple(t.shape) for t in empty] == [(1, 2, 0, 8, 4), (1, 2, 0, 8), (1, 2, 0, 8), (1, 2, 0, 4), (1, 2, 0, 1),
+                                               (1, 2, 0, 1)]
+    triton_op = ops.op("kv_quantize", "triton", triton_device)
+    utils = ("test_schema", "test_autograd_registration") + (("test_faketensor",) if triton_device == "cuda" else ())
+    torch.library.opcheck(triton_op, (k.bfloat16(), k.bfloat16() * 2, 4, 8), test_utils=utils)

@@ -300,6 +300,26 @@ def _kv_launches():
     yield "_kv_decode_attention_kernel", "9-3-64-g32-2bit-fp16", attend(9, 3, 1, 64, 32, 2, 4096, torch.float16,
                                                                         False)
 
+    def quantize(part, d, g, bits, dtype):
+        """The keys' (a group per block and channel, stride d) or the values' (stride 1) launch for a
+        prompt of 4096 tokens of 8 heads."""
+        tokens = 8 * 4096
+        x = _meta(tokens, d, dtype=dtype)
+        if part == "keys":
+            rows, stride, codes = tokens // g * d, d, _meta(tokens // g, d, g * bits // 8)
+        else:
+            rows, stride, codes = tokens * (d // g), 1, _meta(tokens, d * bits // 8)
+        scale = _meta(rows, dtype=dtype)
+        return lambda: kv.quantize_groups(x, codes, scale, scale, rows, stride, bits, g)
+
+    # Every bit width and dtype for keys and values; head_dim 128 with groups of 32 and 128.
+    for part in ("keys", "values"):
+        for bits in (2, 4, 8):
+            yield "_kv_quantize_kernel", f"{part}-64-g64-{bits}bit-bf16", quantize(part, 64, 64, bits, torch.bfloat16)
+        for dtype in (torch.float16, torch.float32):
+            yield "_kv_quantize_kernel", f"{part}-128-g32-4bit-{_DTYPE[dtype]}", quantize(part, 128, 32, 4, dtype)
+        yield "_kv_quantize_kernel", f"{part}-128-g128-2bit-bf16", quantize(part, 128, 128, 2, torch.bfloat16)
+
 
 # module -> its launches: (kernel, variant name, a launcher call), each called as soon as it is
 # yielded (so a lambda may use the loop's variables).

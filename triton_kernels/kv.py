@@ -1,5 +1,8 @@
-"""Triton kernel for ``lowbit::kv_decode_attention``: attention of a few query tokens over a
-quantized KV layer (docs/formats.md "kv"; spec ``lowbit.reference.kv``).
+"""Triton kernels of the kv family (docs/formats.md "kv"; spec ``lowbit.reference.kv``):
+``lowbit::kv_decode_attention``, attention of a few query tokens over a quantized KV layer, and
+``lowbit::kv_quantize``, the quantize+pack of whole blocks.
+
+Decode attention.
 
 Program (i, s) owns KV head i (batch row i // Hkv) and split s of its tokens, in chunks of G (the
 packed blocks, then the residual window). It holds all NQ = (Hq / Hkv) * L queries that read the
@@ -9,16 +12,26 @@ maxima, sums and unnormalized outputs go to a workspace that the launcher merges
 Scores and outputs are tl.dot products in IEEE fp32 (no TF32), so that the kernel stays within the
 fp32 bound its tests derive.
 Nothing is read back to the host, so the kernel runs inside CUDA graphs.
+
+Quantize. Program i owns BLOCK_R groups (G tokens of one key channel, or G channels of one token's
+values) and computes, bit for bit as the reference for finite states, each group's zero (its
+minimum rounded down to the states' dtype), scale ((max - zero) / (2^bits - 1) rounded up) and
+codes (round half to even of (x - zero) / scale), packed P = 8 / bits to a byte. Divisions are
+IEEE (tl.div_rn; Triton's ``/`` is approximate), and the rounding to an integer is the exact
+(y + 2^23) - 2^23, valid for 0 <= y < 2^22, which every finite state's y is.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from lowbit.ops._contract import finish_triton
+from lowbit.ops.kv import check_quantize
 
 _MIN_SPLIT_TOKENS = 256
 
@@ -167,3 +180,103 @@ def kv_decode_attention_triton(query: torch.Tensor, k_codes: torch.Tensor, k_sca
                                bits: int, group: int, scaling: float) -> torch.Tensor:
     return decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_residual, v_residual, mask,
                             bits, group, scaling)
+
+
+@triton.jit
+def _round_toward(v, DTYPE: tl.constexpr, STORE16: tl.constexpr, DOWN: tl.constexpr):
+    """fp32 v in DTYPE, rounded down (or up) where the nearest value lies on the wrong side: one step
+    of the sign-magnitude bit pattern (away from zero: +1, toward it: -1; a zero steps to the
+    smallest subnormal of the side). An fp32 DTYPE holds v exactly."""
+    s = v.to(DTYPE)
+    if STORE16:
+        f = s.to(tl.float32)
+        wrong = (f > v) if DOWN else (f < v)
+        b = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        at_zero = (b & 0x7FFF) == 0
+        negative = (b & 0x8000) != 0
+        if DOWN:
+            stepped = tl.where(at_zero, 0x8001, tl.where(negative, b + 1, b - 1))
+        else:
+            stepped = tl.where(at_zero, 1, tl.where(negative, b - 1, b + 1))
+        s = tl.where(wrong, stepped.to(tl.int16).to(DTYPE, bitcast=True), s)
+    return s
+
+
+@triton.jit
+def _kv_quantize_kernel(
+    x_ptr,  # the states (keys or values) [B, H, T, D], contiguous
+    codes_ptr,  # uint8 [rows, G / P]: group r's codes, P to a byte, lowest element in the lowest bits
+    scale_ptr, zero_ptr,  # [rows] of the states' dtype
+    rows, C,  # groups; group r is G elements at x + (r // C) G C + r % C, C apart (keys: C = D; values: 1)
+    G: tl.constexpr, BITS: tl.constexpr, STORE16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,  # groups per program; bytes per group, padded to a power of 2
+):
+    P: tl.constexpr = 8 // BITS
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    DTYPE: tl.constexpr = scale_ptr.dtype.element_ty
+    rr = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kk = tl.arange(0, BLOCK_K)
+    uu = tl.arange(0, P)
+    r_ok = rr < rows
+    i = kk[None, :, None] * P + uu[None, None, :]  # element of the group: byte k, slot u
+    ok = r_ok[:, None, None] & (i < G)
+    base = (rr // C) * G * C + rr % C
+    x = tl.load(x_ptr + base[:, None, None] + i * C, mask=ok, other=0.0).to(tl.float32)
+    lo = tl.min(tl.min(tl.where(ok, x, float("inf")), axis=2), axis=1)
+    hi = tl.max(tl.max(tl.where(ok, x, float("-inf")), axis=2), axis=1)
+    zero = _round_toward(lo, DTYPE, STORE16, True)
+    zf = zero.to(tl.float32)
+    scale = _round_toward(tl.div_rn(hi - zf, tl.full(hi.shape, QMAX, tl.float32)), DTYPE, STORE16, False)
+    sf = scale.to(tl.float32)
+    positive = sf > 0
+    y = tl.div_rn(x - zf[:, None, None], tl.where(positive, sf, 1.0)[:, None, None])
+    q = (y + 8388608.0) - 8388608.0
+    q = tl.where(positive[:, None, None], q, 0.0)
+    # Only non-finite states can leave the range; the clamp keeps their codes in it.
+    q = tl.minimum(tl.maximum(q, 0.0), QMAX).to(tl.int32)
+    byte = tl.sum(q << (uu[None, None, :] * BITS), axis=2)  # disjoint bits: the sum is their OR
+    tl.store(codes_ptr + rr[:, None] * (G // P) + kk[None, :], byte.to(tl.uint8),
+             mask=r_ok[:, None] & (kk[None, :] < G // P))
+    tl.store(scale_ptr + rr, scale, mask=r_ok)
+    tl.store(zero_ptr + rr, zero, mask=r_ok)
+
+
+def quantize_groups(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rows: int,
+                    stride: int, bits: int, group: int) -> None:
+    """Quantizes the ``rows`` groups of ``group`` elements, ``stride`` apart, of x (contiguous) into
+    codes, scale and zero: keys with stride D (a group per block and channel), values with stride 1
+    (a group per token and G channels)."""
+    if rows == 0:
+        return
+    per = 8 // bits
+    block_k = triton.next_power_of_2(group // per)
+    block_r = max(1, 2048 // (block_k * per))
+    wrap_triton(_kv_quantize_kernel)[(triton.cdiv(rows, block_r),)](
+        x, codes, scale, zero, rows, stride, G=group, BITS=bits, STORE16=x.element_size() == 2, BLOCK_R=block_r,
+        BLOCK_K=block_k)
+
+
+def quantize(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int):
+    """keys, values [B, H, T, D] -> (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) as
+    ``lowbit.ops.kv_quantize`` documents them."""
+    check_quantize(keys, values, bits, group)
+    b, h, t, d = keys.shape
+    keys, values = keys.contiguous(), values.contiguous()
+    per = 8 // bits
+    u8 = dict(dtype=torch.uint8, device=keys.device)
+    out = (torch.empty((b, h, t // group, d, group // per), **u8), keys.new_empty((b, h, t // group, d)),
+           keys.new_empty((b, h, t // group, d)), torch.empty((b, h, t, d // per), **u8),
+           keys.new_empty((b, h, t, d // group)), keys.new_empty((b, h, t, d // group)))
+    quantize_groups(keys, *out[:3], b * h * (t // group) * d, d, bits, group)
+    quantize_groups(values, *out[3:], b * h * t * (d // group), 1, bits, group)
+    return out
+
+
+@triton_op("lowbit::kv_quantize_triton", mutates_args=())
+def kv_quantize_triton(keys: torch.Tensor, values: torch.Tensor, bits: int,
+                       group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor]:
+    return quantize(keys, values, bits, group)
+
+
+finish_triton(kv_quantize_triton)

@@ -10,9 +10,9 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
+#include "common/kv.h"
 #include "isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -106,59 +106,50 @@ void decode_attention(const DecodeArgs<T>& a) {
 
 namespace {
 
-// The neighbour of s in T toward -inf (down) or +inf, as torch.nextafter gives it.
+// The store dtype T as csrc/common/kv.h reads it: its bits, and torch's conversions.
 template <typename T>
-T step_toward(T s, bool down) {
-  if constexpr (std::is_same_v<T, float>) {
-    return std::nextafter(s, down ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity());
-  } else {
-    uint16_t b;
+struct Store {
+  using Bits = uint16_t;
+  static constexpr Bits kSign = 0x8000u;
+  static Bits from_float(float v) {
+    const T s = static_cast<T>(v);
+    Bits b;
     std::memcpy(&b, &s, 2);
-    const bool negative = b & 0x8000u;
-    if ((b & 0x7FFFu) == 0) {
-      b = down ? 0x8001u : 0x0001u;  // from either zero to the smallest subnormal of the side
-    } else if (negative == down) {
-      ++b;  // away from zero
-    } else {
-      --b;
-    }
-    T out;
-    std::memcpy(&out, &b, 2);
-    return out;
+    return b;
   }
-}
+  static float to_float(Bits b) {
+    T s;
+    std::memcpy(&s, &b, 2);
+    return static_cast<float>(s);
+  }
+};
 
-// v (fp32) in T, rounded down (or up) where the nearest value lies on the wrong side.
-template <typename T>
-T round_toward(float v, bool down) {
-  const T s = static_cast<T>(v);
-  const float f = static_cast<float>(s);
-  return (down ? f > v : f < v) ? step_toward(s, down) : s;
-}
+template <>
+struct Store<float> {
+  using Bits = uint32_t;
+  static constexpr Bits kSign = 0x80000000u;
+  static Bits from_float(float v) {
+    Bits b;
+    std::memcpy(&b, &v, 4);
+    return b;
+  }
+  static float to_float(Bits b) {
+    float v;
+    std::memcpy(&v, &b, 4);
+    return v;
+  }
+};
 
 // One group of n values (stride apart) -> codes [n] (0..2^bits-1), and its scale and zero.
 template <typename T>
 void quantize_group(const T* x, int64_t n, int64_t stride, int bits, uint8_t* codes, T* scale, T* zero) {
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
-  bool nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = static_cast<float>(x[i * stride]);
-    nan |= v != v;
-    lo = std::min(lo, v);
-    hi = std::max(hi, v);
-  }
-  if (nan) lo = hi = std::numeric_limits<float>::quiet_NaN();  // as torch.amin / amax propagate it
-  const int qmax = (1 << bits) - 1;
-  const T z = round_toward<T>(lo, true);
-  const T sc = round_toward<T>((hi - static_cast<float>(z)) / static_cast<float>(qmax), false);
-  *zero = z;
-  *scale = sc;
-  const float zf = static_cast<float>(z), sf = static_cast<float>(sc);
-  for (int64_t i = 0; i < n; ++i) {
-    float q = sf > 0.f ? std::nearbyint((static_cast<float>(x[i * stride]) - zf) / sf) : 0.f;
-    q = q != q ? 0.f : std::min(std::max(q, 0.f), static_cast<float>(qmax));
-    codes[i] = static_cast<uint8_t>(q);
-  }
+  using S = Store<T>;
+  ::lowbit::kv::Range range;
+  for (int64_t i = 0; i < n; ++i) range.add(static_cast<float>(x[i * stride]));
+  const auto g = ::lowbit::kv::group_scale<S>(range, bits);
+  std::memcpy(zero, &g.zero_bits, sizeof(T));
+  std::memcpy(scale, &g.scale_bits, sizeof(T));
+  for (int64_t i = 0; i < n; ++i) codes[i] = ::lowbit::kv::code_of<S>(static_cast<float>(x[i * stride]), g, bits);
 }
 
 // codes [n] (n a multiple of 8 / bits) packed into n * bits / 8 bytes, the lowest index lowest.

@@ -92,7 +92,7 @@ define("kv_decode_attention",
        "(Tensor query, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor v_codes, Tensor v_scale, "
        "Tensor v_zero, Tensor k_residual, Tensor v_residual, Tensor? mask, int bits, int group, float scaling) "
        "-> Tensor",
-       fake=_fake_decode_attention, reference=_reference_decode_attention, native=("cpu",),
+       fake=_fake_decode_attention, reference=_reference_decode_attention, native=("cpu", "cuda"),
        triton="lowbit.triton_kernels.kv")
 
 
@@ -103,7 +103,7 @@ def kv_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     ``group`` channels, ``bits`` bits; docs/formats.md "kv"), then the residual window [B, Hkv, r,
     D]; K and V dequantized in fp32. mask: bool [1 or B, 1 or Hq, L, T] (True: attend), or None (the
     queries are the last L positions). Query head i reads KV head i // (Hq / Hkv). Returns [B, Hq,
-    L, D] in query's dtype."""
+    L, D] in query's dtype. The CUDA backend takes head_dim up to 256."""
     return op("kv_decode_attention", backend, query.device)(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                             k_residual, v_residual, mask, bits, group, scaling)
 
@@ -140,7 +140,8 @@ def _reference_quantize(keys, values, bits, group):
 
 
 define("kv_quantize", "(Tensor keys, Tensor values, int bits, int group) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-       "Tensor)", fake=_fake_quantize, reference=_reference_quantize, native=("cpu",))
+       "Tensor)", fake=_fake_quantize, reference=_reference_quantize, native=("cpu", "cuda"),
+       triton="lowbit.triton_kernels.kv")
 
 
 def kv_quantize(keys, values, bits, group, *, backend=None):
