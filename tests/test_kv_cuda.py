@@ -184,6 +184,10 @@ def test_decode_native_checks_its_arguments():
     big, _, _ = make((1, 1, 1, 1, 264, 8, 1, 1), 4, torch.float32, seed=11)
     with pytest.raises(ValueError, match="head_dim must be at most 256"):
         native(*(t.cuda() for t in big), None, 4, 8, 0.25)
+    # The op's default choice runs such a head on Triton instead.
+    got = ops.kv_decode_attention(*(t.cuda() for t in big), None, 4, 8, 0.25)
+    want = ops.kv_decode_attention(*big, None, 4, 8, 0.25, backend="reference")
+    assert torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5)
 
 
 # -- lowbit::kv_quantize ------------------------------------------------------------------------------

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.ops._contract import define, op
+from lowbit.ops._contract import define, op, requested
 from lowbit.reference import kv as _ref
 from lowbit.reference.bitpack import packed_length
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 MAX_QUERIES = 64  # query tokens per call: decode steps, not prefills
+CUDA_MAX_HEAD_DIM = 256  # the CUDA decode attention's largest head_dim (its tiles in shared memory)
 
 
 def _name(dtype):
@@ -103,7 +104,10 @@ def kv_decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zer
     ``group`` channels, ``bits`` bits; docs/formats.md "kv"), then the residual window [B, Hkv, r,
     D]; K and V dequantized in fp32. mask: bool [1 or B, 1 or Hq, L, T] (True: attend), or None (the
     queries are the last L positions). Query head i reads KV head i // (Hq / Hkv). Returns [B, Hq,
-    L, D] in query's dtype. The CUDA backend takes head_dim up to 256."""
+    L, D] in query's dtype. The CUDA backend takes head_dim up to 256; above that, ``auto`` runs
+    Triton on a GPU."""
+    if query.device.type == "cuda" and query.shape[-1] > CUDA_MAX_HEAD_DIM and requested(backend) == "auto":
+        backend = "triton"
     return op("kv_decode_attention", backend, query.device)(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                                             k_residual, v_residual, mask, bits, group, scaling)
 
