@@ -2,14 +2,15 @@
 
 ``build(family)`` rewrites csrc/cuda/<family>.cu into plain C++ — each ``kernel<<<grid, block, smem,
 stream>>>(args)`` into ``::emu::launch(grid, block, smem, stream, kernel, args)``, each ``extern
-__shared__ T name[];`` into a pointer to the launch's dynamic shared memory, the named-barrier
-``asm`` into ``::emu::named_barrier`` — compiles it with g++ against the stand-in CUDA headers in
-tests/cuda_emu/include (fibers for the threads of a block, switched where CUDA threads synchronize;
-see cuda_runtime.h there) together with tests/cuda_emu/<family>_entry.cpp (C entry points), and
-loads the library with ctypes. The kernels' own code runs unchanged: their indexing, shared
-memory, barriers, shuffles, rounding, and the launchers' grid and plan arithmetic. What it cannot
-show: timing, memory-model races between threads of a block (a fiber runs alone between two
-barriers), and inline PTX other than named barriers (tensor-core ``mma`` kernels are not covered).
+__shared__ T name[];`` into a pointer to the launch's dynamic shared memory, and each inline-PTX
+statement it knows (named barriers, ``mma.sync.m16n8k16`` on bf16/fp16, ``cp.async`` and its
+groups) into a call of the emulation — compiles it with g++ against the stand-in CUDA headers in
+tests/cuda_emu/include (fibers for the threads of a block, switched where CUDA threads
+synchronize; see cuda_runtime.h there) together with tests/cuda_emu/<family>_entry.cpp (C entry
+points), and loads the library with ctypes. The kernels' own code runs unchanged: their indexing,
+shared memory, barriers, shuffles, tensor-core fragment layouts, rounding, and the launchers' grid
+and plan arithmetic. What it cannot show: timing, and races between threads of a block (a fiber runs
+alone between two barriers; cp.async copies complete at once). Any other inline PTX is refused.
 """
 
 from __future__ import annotations
@@ -59,10 +60,7 @@ def rewrite(src: str) -> str:
     """The CUDA source as C++ for the emulation headers."""
     src = re.sub(r"extern\s+__shared__\s+(?:alignas\(\d+\)\s+|__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\s*\[\s*\]\s*;",
                  r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_shared());", src)
-    src = re.sub(r'asm\s+volatile\s*\(\s*"bar(?:rier)?\.sync\s+%0,\s*%1;"\s*:\s*:\s*"r"\(([^)]*)\)\s*,\s*"r"\(([^)]*)\)'
-                 r'\s*:\s*"memory"\s*\)\s*;', r"::emu::named_barrier(\1, \2);", src)
-    if re.search(r"\basm\b", src):
-        raise ValueError("inline PTX other than named barriers cannot run in the emulation")
+    src = _rewrite_asm(src)
     out, pos = [], 0
     while True:
         at = src.find("<<<", pos)
@@ -82,6 +80,72 @@ def rewrite(src: str) -> str:
         pos = args_end
     out.append(src[pos:])
     return "".join(out)
+
+
+def _asm_operands(section: str) -> list[str]:
+    """The C++ expressions of an asm operand list: '"+f"(d[0]), "r"(a0)' -> ['d[0]', 'a0']."""
+    out = []
+    for item in _split_args(section):
+        item = item.strip()
+        if item:
+            out.append(item[item.index("(") + 1:item.rindex(")")].strip())
+    return out
+
+
+def _asm_call(template: str, operands: list[str]) -> str:
+    """The emulation's call for one inline-PTX statement."""
+    t = " ".join(template.split())
+    if re.fullmatch(r"bar(rier)?\.sync %0, %1;", t):
+        return f"::emu::named_barrier({operands[0]}, {operands[1]});"
+    mma = re.fullmatch(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)\.\1\.f32 \{%0, %1, %2, %3\}, "
+                       r"\{%4, %5, %6, %7\}, \{%8, %9\}, \{%0, %1, %2, %3\};", t)
+    if mma:
+        return f"::emu::mma16816<{'true' if mma.group(1) == 'bf16' else 'false'}>({', '.join(operands)});"
+    copy = re.fullmatch(r"cp\.async\.c[ag]\.shared\.global \[%0\], \[%1\], (\d+)(, %2)?;", t)
+    if copy:
+        src_size = operands[2] if copy.group(2) else copy.group(1)
+        return f"::emu::cp_async({operands[0]}, {operands[1]}, {copy.group(1)}, {src_size});"
+    if re.fullmatch(r"cp\.async\.(commit_group|wait_group \d+|wait_all);", t):
+        return "(void)0;"  # the copies are already done
+    raise ValueError(f"inline PTX the emulation cannot run: {t!r}")
+
+
+def _rewrite_asm(src: str) -> str:
+    out, pos = [], 0
+    for m in re.finditer(r"\basm\s*(?:volatile\s*)?\(", src):
+        if m.start() < pos:
+            continue
+        end = _balanced(src, m.end() - 1)
+        body = src[m.end():end - 1]
+        sections = _split_colons(body)
+        template = "".join(re.findall(r'"((?:[^"\\]|\\.)*)"', sections[0])).replace("\\n", " ")
+        operands = _asm_operands(sections[1]) if len(sections) > 1 else []
+        operands += _asm_operands(sections[2]) if len(sections) > 2 else []
+        semicolon = src.index(";", end)
+        out.append(src[pos:m.start()])
+        out.append(_asm_call(template, operands))
+        pos = semicolon + 1
+    out.append(src[pos:])
+    return "".join(out)
+
+
+def _split_colons(body: str) -> list[str]:
+    """An asm body split at the colons outside strings and parentheses."""
+    parts, cur, depth, quoted = [], [], 0, False
+    for i, c in enumerate(body):
+        if c == '"' and (i == 0 or body[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and c == "(":
+            depth += 1
+        elif not quoted and c == ")":
+            depth -= 1
+        if c == ":" and not quoted and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    parts.append("".join(cur))
+    return parts
 
 
 def _split_args(text: str) -> list[str]:

@@ -105,6 +105,7 @@ struct Warp {
   uint64_t gen = 0;
   unsigned arrived = 0;
   uint64_t slot[32] = {};
+  uint32_t frag[32][6] = {};  // tensor-core operands of each lane (mma)
 };
 
 struct Block {
@@ -119,15 +120,18 @@ struct Block {
   ucontext_t main;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
-  std::vector<unsigned char> dynamic_smem;
 };
+
+// Dynamic shared memory lives in this library's .bss, next to the `__shared__` (static) variables,
+// so that a shared-window address (__cvta_generic_to_shared) is a 32-bit offset from it.
+alignas(128) inline unsigned char shared_arena[kEmuSmemOptin + 128];
 
 inline Block& block() {
   static Block b;
   return b;
 }
 inline Fiber* current() { return block().current; }
-inline unsigned char* dynamic_shared() { return block().dynamic_smem.data(); }
+inline unsigned char* dynamic_shared() { return shared_arena; }
 
 inline unsigned live_in_block() {
   unsigned n = 0;
@@ -291,7 +295,7 @@ void launch(dim3 grid, dim3 blockdim, size_t smem, cudaStream_t, void (*kernel)(
   b.grid = grid;
   b.block = blockdim;
   b.threads = threads;
-  b.dynamic_smem.assign(smem + 16, 0xA5);  // not zero: kernels must not rely on it
+  memset(shared_arena, 0xA5, smem);  // not zero: kernels must not rely on it
   const std::function<void()> body = [&]() { kernel(static_cast<KArgs>(args)...); };
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
@@ -327,6 +331,16 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
     case cudaDevAttrMaxSharedMemoryPerBlock: *v = 48 * 1024; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
+}
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes = 0;  // static shared memory: not tracked here
+  int maxThreadsPerBlock = 1024;
+  int numRegs = 0;
+};
+template <typename K>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, K) {
+  *a = cudaFuncAttributes{};
+  return cudaSuccess;
 }
 template <typename K>
 cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int value) {
@@ -536,6 +550,24 @@ T atomicCAS(T* p, T compare, T v) {
   return old;
 }
 
+
+// ---- shared-window addresses, cp.async, mma ---------------------------------------------------------
+inline size_t __cvta_generic_to_shared(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::shared_arena + 0x80000000LL);
+}
+namespace emu {
+inline void* shared_pointer(uint32_t address) {
+  return shared_arena + (static_cast<int64_t>(address) - 0x80000000LL);
+}
+// cp.async.ca.shared.global [dst], [src], size, src_size: the copy happens at once (the kernels wait
+// for their groups before reading; here they are always complete); bytes past src_size are zeros.
+inline void cp_async(uint32_t dst, const void* src, int size, int src_size) {
+  unsigned char* to = static_cast<unsigned char*>(shared_pointer(dst));
+  const int n = src_size < size ? src_size : size;
+  if (n > 0) memcpy(to, src, static_cast<size_t>(n));
+  if (n < size) memset(to + n, 0, static_cast<size_t>(size - n));
+}
+}  // namespace emu
 // ---- fp16 and bf16 -------------------------------------------------------------------------------
 struct __half {
   unsigned short x;
@@ -593,3 +625,42 @@ inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16{emu_float_
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return __float2bfloat16(f); }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
+
+namespace emu {
+inline float half_bits_to_float(uint32_t h, bool bf16) {
+  return bf16 ? __uint_as_float(h << 16) : emu_half_to_float(static_cast<unsigned short>(h));
+}
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: D (16 x 8) += A (16 x 16) B (16 x 8), the warp's
+// fragments laid out as the PTX ISA specifies (group g = lane / 4, t = lane % 4: a0 A[g][2t..],
+// a1 A[g+8][2t..], a2 A[g][2t+8..], a3 A[g+8][2t+8..]; b0 B[2t..][g], b1 B[2t+8..][g]; d0, d1
+// D[g][2t, 2t+1], d2, d3 D[g+8][2t, 2t+1]); products exact in fp32, summed in k order.
+template <bool BF16>
+void mma16816(float& d0, float& d1, float& d2, float& d3, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+              uint32_t b0, uint32_t b1) {
+  Fiber* f = current();
+  Warp& w = block().warps[f->tid / 32];
+  const int lane = static_cast<int>(f->tid % 32);
+  const uint32_t mine[6] = {a0, a1, a2, a3, b0, b1};
+  memcpy(w.frag[lane], mine, sizeof(mine));
+  warp_barrier(0xffffffffu);
+  const auto A = [&](int r, int k) {
+    const uint32_t reg = w.frag[(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)];
+    return half_bits_to_float(k % 2 ? reg >> 16 : reg & 0xFFFFu, BF16);
+  };
+  const auto B = [&](int k, int n) {
+    const uint32_t reg = w.frag[n * 4 + (k % 8) / 2][4 + k / 8];
+    return half_bits_to_float(k % 2 ? reg >> 16 : reg & 0xFFFFu, BF16);
+  };
+  const int g = lane / 4, t = lane % 4;
+  float* out[4] = {&d0, &d1, &d2, &d3};
+  float sums[4];
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + 8 * (i / 2), c = 2 * t + i % 2;
+    float sum = 0.f;
+    for (int k = 0; k < 16; ++k) sum += A(r, k) * B(k, c);
+    sums[i] = sum;
+  }
+  warp_barrier(0xffffffffu);  // every lane has read the fragments
+  for (int i = 0; i < 4; ++i) *out[i] += sums[i];
+}
+}  // namespace emu
