@@ -2,7 +2,9 @@
 
 The C++ CPU kernels are always built. The CUDA kernels are built only when torch has CUDA and a
 toolkit it can use is found (else one line says why and the CPU kernels are built);
-TORCH_CUDA_ARCH_LIST picks the archs (default "8.0;9.0a"), MAX_JOBS the parallel compile jobs. LOWBIT_NO_EXTENSION=1 installs the pure-Python package (reference and Triton
+TORCH_CUDA_ARCH_LIST picks the archs (default "8.0+PTX;9.0a": sm_80 and sm_90a code, and compute_80
+PTX that newer GPUs, Blackwell included, compile at load), MAX_JOBS the parallel compile jobs.
+LOWBIT_NO_EXTENSION=1 installs the pure-Python package (reference and Triton
 backends only); LOWBIT_NO_CUDA=1 builds the CPU kernels only.
 
 Install from a source tree against the torch already installed:
@@ -99,7 +101,7 @@ def extensions():
     sources = [s for s in _sources("csrc/bindings/*.cpp") if s not in cuda_glue] + _sources("csrc/cpu/*.cpp")
     off = _cuda_reason_off(torch)
     if off is None:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0+PTX;9.0a")
         print(f"lowbit: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}")
         ext = CUDAExtension(
             "lowbit._C",
