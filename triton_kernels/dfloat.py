@@ -271,11 +271,11 @@ def _launch_shape(total_bits: int, window_bits: int, windows_per_block: int) -> 
     return windows, blocks, lanes, max(1, min(4, lanes // 32))
 
 
-def decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block):
+def decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block, check=True):
     """Stream tensors (contiguous, checked by lowbit.ops) -> [n] of ``dtype`` (a float or uint8), bit-exact.
 
     Raises FormatError when the stream is corrupt, which costs one device-to-host read of a flag
-    (skipped while a CUDA graph is being captured)."""
+    (skipped while a CUDA graph is being captured, and when ``check`` is false)."""
     width, shift, raw_bytes = LAYOUTS[dtype]
     out = torch.empty(n, dtype=dtype, device=codes.device)
     if n == 0:
@@ -291,7 +291,7 @@ def decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_b
     # A CUDA graph cannot read the flag while it is captured, nor a compiled graph while it is
     # traced; replaying either skips the check.
     capturing = torch.compiler.is_compiling() or (out.is_cuda and torch.cuda.is_current_stream_capturing())
-    if not capturing and flag.item():
+    if check and not capturing and flag.item():
         raise FormatError("corrupted dfloat stream: the codes disagree with gaps, block_starts or the table")
     return out
 
@@ -326,10 +326,10 @@ def gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, win
 @triton_op("lowbit::dfloat_decode_triton", mutates_args=())
 def _decode_op(codes: torch.Tensor, raw: torch.Tensor, gaps: torch.Tensor, block_starts: torch.Tensor,
                table: torch.Tensor, n: int, dtype: torch.dtype, total_bits: int, window_bits: int,
-               windows_per_block: int) -> torch.Tensor:
+               windows_per_block: int, check: bool = True) -> torch.Tensor:
     args = (codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block)
     check_decode(*args)
-    return decode(*args)
+    return decode(*args, check)
 
 
 @triton_op("lowbit::dfloat_gemv_triton", mutates_args=())

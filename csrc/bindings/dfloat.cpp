@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfloat_encode_cpu(
 at::Tensor dfloat_decode_cpu(const at::Tensor& codes, const at::Tensor& raw, const at::Tensor& gaps,
                              const at::Tensor& block_starts, const at::Tensor& table, int64_t n,
                              at::ScalarType dtype, int64_t total_bits, int64_t window_bits,
-                             int64_t windows_per_block) {
+                             int64_t windows_per_block, bool /*check: always, at no cost on the CPU*/) {
   check_dfloat_stream(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block);
   at::Tensor out = empty_for_writing(n, codes.options().dtype(dtype));
   const char* error = dispatch_dfloat_bits(dtype, "dtype", [&](auto type) {

@@ -112,7 +112,9 @@ class DFloatLinear(LowbitLinear):
         # The ops' arguments are fixed between moves: gathered once, not at every forward.
         shape, dtype, total_bits, window_bits, windows_per_block = self._weight_meta
         stream = (self.weight_codes, self.weight_raw, self.weight_gaps, self.weight_block_starts, self.weight_table)
-        self._decode_args = (*stream, shape[0] * shape[1], dtype, total_bits, window_bits, windows_per_block)
+        # check=False: no host synchronization per forward on a GPU; the stream was validated when it
+        # was made or loaded (the stored form's checksum).
+        self._decode_args = (*stream, shape[0] * shape[1], dtype, total_bits, window_bits, windows_per_block, False)
         self._gemv_stream = (*stream, shape[0], total_bits, window_bits, windows_per_block)
         backend = "reference" if device.type == "meta" else self.backend  # meta: shapes only, until loaded
         self._decode = ops.op("dfloat_decode", backend, device)

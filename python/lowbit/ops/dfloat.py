@@ -77,12 +77,14 @@ def check_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, wi
     check_stream(n, dtype, codes, raw, gaps, block_starts, table, total_bits, window_bits, windows_per_block)
 
 
-def _fake_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block):
+def _fake_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block,
+                 check=True):
     check_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block)
     return codes.new_empty((n,), dtype=dtype)
 
 
-def _reference_decode(*args):
+def _reference_decode(*args, check=True):
+    args = args[:10]  # ``check`` positionally too: the reference always checks (on the host, at no cost)
     check_decode(*args)
     return _ref.decode(*args)
 
@@ -132,7 +134,7 @@ def _gemv_backward(ctx, grad):
 
 
 define("dfloat_decode", f"({_STREAM}, int n, ScalarType dtype, int total_bits, int window_bits, "
-       "int windows_per_block) -> Tensor", fake=_fake_decode, reference=_reference_decode,
+       "int windows_per_block, bool check=True) -> Tensor", fake=_fake_decode, reference=_reference_decode,
        triton="lowbit.triton_kernels.dfloat")
 define("dfloat_gemv", f"(Tensor x, {_STREAM}, int out_features, int total_bits, int window_bits, "
        "int windows_per_block, Tensor? bias) -> Tensor", fake=_fake_gemv, reference=_reference_gemv,
@@ -179,15 +181,19 @@ define("dfloat_encode", "(Tensor x, Tensor lengths, Tensor codewords, int total_
 
 @raising_format_errors
 def dfloat_decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_bits, windows_per_block,
-                  *, backend=None) -> torch.Tensor:
+                  *, check=True, backend=None) -> torch.Tensor:
     """Decode a dfloat stream to a flat tensor [n] of ``dtype`` (bf16, fp16, fp32 or uint8), bit-exact.
 
     A stream whose codes disagree with its gaps and block starts raises ``FormatError`` on every
-    backend (on CUDA this costs one host synchronization, skipped while capturing a CUDA graph).
+    backend (on a GPU this costs one host synchronization, skipped while capturing a CUDA graph).
+    check=False skips that synchronization on a GPU, for streams already validated (a stored form's
+    checksum is checked when it is loaded): a corrupted stream then decodes to unspecified values,
+    never reading or writing out of bounds. The CPU kernels and the reference always check (at no
+    cost there).
     """
     return op("dfloat_decode", backend, codes.device)(
         codes.contiguous(), raw.contiguous(), gaps.contiguous(), block_starts.contiguous(), table.contiguous(), n,
-        dtype, total_bits, window_bits, windows_per_block)
+        dtype, total_bits, window_bits, windows_per_block, check)
 
 
 @raising_format_errors
