@@ -178,12 +178,16 @@ CODEBOOK_GEMV_WEIGHTS = 32 * 8 * 16 // 32
 # codes per byte). The budget's unit is one cached key or value element; keys and values are half
 # each, so a loop over keys costs I / (its keys per iteration) / 2 per cached element.
 KV_LOOPS = (
-    Loop(r"for \(int e = threadIdx\.x; e < D \* groups; e \+= kThreads\)", 2 * 2,
-         "key staging: one byte, P = 2 keys per iteration; keys are half the elements",
-         probe=(r"const uint32_t byte = kc\[", "LDG", 1)),
-    Loop(r"for \(int e = threadIdx\.x; e < count \* row_bytes; e \+= kThreads\)", 2 * 2,
-         "value staging: one byte, P = 2 values per iteration; values are half the elements",
-         probe=(r"const uint32_t byte = vc\[", "LDG", 1)),
+    # Word-wise staging (the kernel's path for groups of 64): one 32-bit word of codes per
+    # iteration, its 32 / bits codes stored one by one (keys) or as float4s (values). The loop is
+    # instantiated for 2, 4 and 8 bits; the largest copy is counted and the probe (the stores of
+    # one source iteration) scales its elements to that copy's codes per word.
+    Loop(r"for \(int e = threadIdx\.x; e < \(D << kShift\); e \+= kThreads\)", 1 * 2,
+         "key staging: one word, one key per store (the probe counts the word's stores); keys are half the "
+         "elements", probe=(r"k_s\[\(w \* kCodes \+ u\) \* kp \+ d\] = dequant", "STS", 1)),
+    Loop(r"for \(int w = lane; w < words; w \+= 32\)", 4 * 2,
+         "value staging: one word, four values per float4 store (the probe counts the word's stores); values "
+         "are half the elements", probe=(r"out\[u / 4\] = make_float4", "STS", 1)),
     Loop(r"for \(int d = 0; d < lay\.dq; d \+= 4\)", 4 / 4 * 2,
          "scores: 4 channels of the lane's key per iteration, read by each of the 4 warps (one per "
          "query row): 1 key per thread-iteration; keys are half the elements",

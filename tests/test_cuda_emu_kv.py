@@ -95,6 +95,24 @@ def test_decode_masks_views_and_several_splits(lib, dtype):
     assert torch.equal(got[1, :, 0], torch.zeros_like(got[1, :, 0]))
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_decode_codes_at_odd_addresses_take_the_byte_paths(lib, bits):
+    """Codes whose rows are not 4-byte aligned are staged byte by byte (the word-wise staging
+    needs aligned words): same results."""
+    shape = (1, 4, 2, 1, 64, 64, 3, 5)
+    args, keys, values = make(shape, bits, torch.bfloat16, seed=9)
+    q, kc, ks, kz, vc, vs, vz, kr, vr = args
+
+    def shifted(t):
+        buf = torch.zeros(t.numel() + 1, dtype=torch.uint8)
+        view = buf[1:].view(t.shape)
+        view.copy_(t)
+        assert view.data_ptr() % 4 != 0
+        return view
+
+    check(lib, (q, shifted(kc), ks, kz, shifted(vc), vs, vz, kr, vr), keys, values, None, bits, 64)
+
+
 def test_bound_catches_a_dropped_token(lib):
     """The comparison can fail: the kernel's output over a cache with one token's value changed
     is outside the bound around the unchanged cache's reference."""

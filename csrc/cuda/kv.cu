@@ -98,6 +98,11 @@ __device__ __forceinline__ const P* at(const Strided& s, int64_t b, int64_t h) {
 struct Params {
   DecodeArgs a;
   int64_t splits, tiles_per_split, packed_tiles, tiles, q_tiles;
+  // Word-wise staging (decode_plan sets these): keys when a tile lies in one block and the codes
+  // are 4-byte aligned per channel; values when a 32-bit word's codes lie in one group and rows
+  // are 4-byte aligned; 1 / (words per value group) for the group of a word.
+  bool key_words = false, value_words = false;
+  float inv_value_group_words = 0.f;
 };
 
 // Shared-memory layout of the split kernel (fp32 elements): the pre-scaled queries [QT][dq], keys
@@ -115,6 +120,62 @@ struct Layout {
     floats = v_off + kTile * D;
   }
 };
+
+// Word-wise staging of a packed tile (Params::key_words / value_words): 32-bit loads of codes,
+// each word's 32 / BITS codes dequantized in registers, and no integer division per element (the
+// byte-wise loops below divide by run-time sizes for every byte).
+//
+// Keys: the tile's 32 tokens of channel d are kTile / P bytes of block j, words w = 0 .. 8 / P - 1;
+// word w holds tokens 4 P w ... Thread e takes channel e / (8 / P) and word e % (8 / P): on the
+// odd row pitch kp the 32 lanes of a warp store to 32 banks.
+template <DType DT, int BITS>
+__device__ __forceinline__ void stage_key_words(const uint8_t* __restrict__ kc, const typename Float<DT>::Bits* ks,
+                                                const typename Float<DT>::Bits* kz, int64_t j, int64_t first, int D,
+                                                int G, int kp, float* __restrict__ k_s) {
+  using F = Float<DT>;
+  constexpr int P = 8 / BITS, kCodes = 32 / BITS, kWords = kTile / kCodes, kShift = kWords == 8 ? 3 : kWords == 4 ? 2 : 1;
+  constexpr uint32_t kLow = (1u << BITS) - 1u;
+  const uint8_t* block = kc + j * D * (G / P) + first / P;  // first: the tile's first token within block j
+  for (int e = threadIdx.x; e < (D << kShift); e += kThreads) {
+    const int d = e >> kShift, w = e & (kWords - 1);
+    const uint32_t word = __ldg(reinterpret_cast<const uint32_t*>(block + d * (G / P)) + w);
+    const float scale = F::to_float(ks[j * D + d]), zero = F::to_float(kz[j * D + d]);
+#pragma unroll
+    for (int u = 0; u < kCodes; ++u) k_s[(w * kCodes + u) * kp + d] = dequant((word >> (u * BITS)) & kLow, scale, zero);
+  }
+}
+
+// Values: token t's row holds D / P bytes, D / (4 P) words; word w's 4 P channels lie in group
+// w / (G / (4 P)). Warps take tokens, lanes words; each word's values go to shared memory as float4s.
+template <DType DT, int BITS>
+__device__ __forceinline__ void stage_value_words(const uint8_t* __restrict__ vc, const typename Float<DT>::Bits* vs,
+                                                  const typename Float<DT>::Bits* vz, int64_t t0, int count, int D,
+                                                  int G, float inv_group_words, float* __restrict__ v_s) {
+  using F = Float<DT>;
+  constexpr int kCodes = 32 / BITS;
+  constexpr uint32_t kLow = (1u << BITS) - 1u;
+  const int words = D / kCodes, groups = D / G;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int tt = warp; tt < count; tt += kWarps) {
+    const int64_t t = t0 + tt;
+    const uint32_t* row = reinterpret_cast<const uint32_t*>(vc + t * (D / (8 / BITS)));
+    for (int w = lane; w < words; w += 32) {
+      const uint32_t word = __ldg(row + w);
+      // w / (G / (4 P)) exactly: (w + 1/2) / n is at least 1 / (2 n) from an integer, far above
+      // the fp32 product's error for w < 2^22.
+      const int g = static_cast<int>((static_cast<float>(w) + 0.5f) * inv_group_words);
+      const float scale = F::to_float(vs[t * groups + g]), zero = F::to_float(vz[t * groups + g]);
+      float4* out = reinterpret_cast<float4*>(v_s + tt * D + w * kCodes);
+#pragma unroll
+      for (int u = 0; u < kCodes; u += 4) {
+        out[u / 4] = make_float4(dequant((word >> (u * BITS)) & kLow, scale, zero),
+                                 dequant((word >> ((u + 1) * BITS)) & kLow, scale, zero),
+                                 dequant((word >> ((u + 2) * BITS)) & kLow, scale, zero),
+                                 dequant((word >> ((u + 3) * BITS)) & kLow, scale, zero));
+      }
+    }
+  }
+}
 
 template <DType DT, int ROWS, int DCH>
 __global__ void __launch_bounds__(kThreads, 4) decode_split_kernel(const Params p, float* __restrict__ ws_m,
@@ -189,7 +250,19 @@ __global__ void __launch_bounds__(kThreads, 4) decode_split_kernel(const Params 
     const int64_t t0 = is_packed ? tile * kTile : packed + (tile - p.packed_tiles) * kTile;
     const int count = static_cast<int>(imin(kTile, (is_packed ? packed : total) - t0));
     __syncthreads();  // the previous tile's keys and values are no longer read
-    if (is_packed) {
+    if (is_packed && p.key_words) {
+      const int64_t j = t0 / G;
+      if (bits == 4) stage_key_words<DT, 4>(kc, ks, kz, j, t0 - j * G, D, G, lay.kp, k_s);
+      else if (bits == 2) stage_key_words<DT, 2>(kc, ks, kz, j, t0 - j * G, D, G, lay.kp, k_s);
+      else stage_key_words<DT, 8>(kc, ks, kz, j, t0 - j * G, D, G, lay.kp, k_s);
+    }
+    if (is_packed && p.value_words) {
+      const float inv = p.inv_value_group_words;
+      if (bits == 4) stage_value_words<DT, 4>(vc, vs, vz, t0, count, D, G, inv, v_s);
+      else if (bits == 2) stage_value_words<DT, 2>(vc, vs, vz, t0, count, D, G, inv, v_s);
+      else stage_value_words<DT, 8>(vc, vs, vz, t0, count, D, G, inv, v_s);
+    }
+    if (is_packed && !p.key_words) {
       // Keys: byte (token group s, channel d) holds tokens t0 + s P ... of channel d, all in one
       // block (blocks and tiles start at multiples of P).
       const int groups = count / P;
@@ -200,6 +273,8 @@ __global__ void __launch_bounds__(kThreads, 4) decode_split_kernel(const Params 
         const float scale = F::to_float(ks[j * D + d]), zero = F::to_float(kz[j * D + d]);
         for (int u = 0; u < P; ++u) k_s[(s * P + u) * lay.kp + d] = dequant((byte >> (u * bits)) & low, scale, zero);
       }
+    }
+    if (is_packed && !p.value_words) {
       // Values: byte k of token t holds channels k P ..., all in group k P / G.
       const int row_bytes = D / P, groups_per_row = D / G;
       for (int e = threadIdx.x; e < count * row_bytes; e += kThreads) {
@@ -210,7 +285,8 @@ __global__ void __launch_bounds__(kThreads, 4) decode_split_kernel(const Params 
         const float scale = F::to_float(vs[g]), zero = F::to_float(vz[g]);
         for (int u = 0; u < P; ++u) v_s[tt * D + k * P + u] = dequant((byte >> (u * bits)) & low, scale, zero);
       }
-    } else {
+    }
+    if (!is_packed) {
       const int64_t r0 = t0 - packed;
       for (int e = threadIdx.x; e < count * D; e += kThreads) {
         const int tt = e / D, d = e % D;
@@ -466,6 +542,13 @@ cudaError_t decode_attention(const DecodeArgs& a, const DecodePlan& plan, float*
   p.tiles = p.packed_tiles + (a.r + kTile - 1) / kTile;
   p.tiles_per_split = (p.tiles + p.splits - 1) / p.splits;
   p.q_tiles = (nq + kWarps * rows_per_warp(nq) - 1) / (kWarps * rows_per_warp(nq));
+  const auto words_aligned = [](const Strided& s) {
+    return reinterpret_cast<uintptr_t>(s.p) % 4 == 0 && s.sb % 4 == 0 && s.sh % 4 == 0;
+  };
+  const int64_t codes_per_word = 32 / a.bits;
+  p.key_words = a.G % kTile == 0 && words_aligned(a.k_codes);
+  p.value_words = a.G % codes_per_word == 0 && words_aligned(a.v_codes);
+  p.inv_value_group_words = p.value_words ? 1.f / static_cast<float>(a.G / codes_per_word) : 0.f;
   switch (a.dtype) {
     case DType::kBFloat16: return launch_decode<DType::kBFloat16>(p, workspace, stream);
     case DType::kFloat16: return launch_decode<DType::kFloat16>(p, workspace, stream);
