@@ -205,7 +205,7 @@ def test_gemv_matches_reference(lib, shape, batch, has_bias):
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (5, 64), (2, 1001)], ids=param_id)
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (5, 64), (2, 1001), (3, 4096)], ids=param_id)
 def test_pack_unpack_bits(rows, n, bits):
     if cuda_emu.compiler() is None:
         pytest.skip("no C++ compiler for the CUDA emulation")
@@ -225,3 +225,13 @@ def test_pack_unpack_bits(rows, n, bits):
     assert lib.emu_unpack_bits(_p(packed), _p(back), ctypes.c_int64(rows), ctypes.c_int64(n), ctypes.c_int(bits)) == 0
     assert torch.equal(back, values)
     assert math.prod(want.shape) == rows * bitref.packed_length(n, bits)
+    # Values at an odd address: the value-by-value path of the same kernels.
+    buf = torch.zeros(rows * n + 1, dtype=torch.uint8)
+    odd = buf[1:].view(rows, n)
+    odd.copy_(values)
+    packed.fill_(0xA5)
+    assert lib.emu_pack_bits(_p(odd), _p(packed), ctypes.c_int64(rows), ctypes.c_int64(n), ctypes.c_int(bits)) == 0
+    assert torch.equal(packed, want)
+    odd.fill_(0xA5)
+    assert lib.emu_unpack_bits(_p(packed), _p(odd), ctypes.c_int64(rows), ctypes.c_int64(n), ctypes.c_int(bits)) == 0
+    assert torch.equal(odd, values)
