@@ -75,7 +75,8 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     total = packed.numel()
     if total:
         grid = (triton.cdiv(total, _BLOCK),)
-        wrap_triton(_pack_bits_kernel)[grid](values, packed, total, n, nbytes, BITS=bits, PER_BYTE=per_byte, BLOCK=_BLOCK)
+        wrap_triton(_pack_bits_kernel)[grid](values, packed, total, n, nbytes, BITS=bits, PER_BYTE=per_byte, BLOCK=_BLOCK,
+                                              enable_fp_fusion=False)
     return packed
 
 
@@ -87,7 +88,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if total:
         grid = (triton.cdiv(total, _BLOCK),)
         wrap_triton(_unpack_bits_kernel)[grid](
-            packed, values, total, n, packed.shape[-1], BITS=bits, PER_BYTE=per_byte, BLOCK=_BLOCK
+            packed, values, total, n, packed.shape[-1], BITS=bits, PER_BYTE=per_byte, BLOCK=_BLOCK, enable_fp_fusion=False
         )
     return values
 

@@ -293,12 +293,12 @@ def matmul(x, codes, codebooks, scales, bias):
     if m <= _GEMV_MAX_M:
         config = _gemv_config(m, n, g)
         grid = (triton.cdiv(n, config["BLOCK_N"]), triton.cdiv(m, config["BLOCK_M"]))
-        wrap_triton(_codebook_gemv_kernel)[grid](*args, **common, **config)
+        wrap_triton(_codebook_gemv_kernel)[grid](*args, **common, **config, enable_fp_fusion=True)  # within the bound
     else:
         mode = _dot_mode(x, codebooks)
         config = _matmul_config(m, mode, g)
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-        wrap_triton(_codebook_matmul_kernel)[grid](*args, **common, DOT=mode, **config)
+        wrap_triton(_codebook_matmul_kernel)[grid](*args, **common, DOT=mode, **config, enable_fp_fusion=True)
     return y
 
 
@@ -351,7 +351,7 @@ def dequantize(codes, codebooks, scales, dtype):
     wrap_triton(_codebook_dequantize_kernel)[grid](
         codes, codebooks, scales, w, n, groups, codes.stride(0), w.stride(0),
         NUM_CODEBOOKS=count, NBITS=8 if codes.dtype == torch.uint8 else 16, G=g, BLOCK_N=block_n, BLOCK_G=block_g,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,  # bit-exact: the product, then the sum
     )
     return w.to(dtype)
 
@@ -421,6 +421,7 @@ def nearest(points, weights, codebook):
     wrap_triton(_codebook_nearest_kernel)[(triton.cdiv(p, block_p),)](
         _nonempty(points), _nonempty(weights), codebook, out, p, e,
         HAS_WEIGHTS=has_weights, G=g, BLOCK_P=block_p, BLOCK_E=block_e, num_warps=4,
+        enable_fp_fusion=False,  # distances rounded as the reference's: the same argmin
     )
     return out
 

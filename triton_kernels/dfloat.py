@@ -286,7 +286,7 @@ def decode(codes, raw, gaps, block_starts, table, n, dtype, total_bits, window_b
         codes, raw, gaps, block_starts, table, out.view(_INT_VIEW[width]), flag,
         n, total_bits, window_bits, windows, windows_per_block, blocks,
         RAW_BYTES=raw_bytes, SHIFT=shift, LANES=lanes, MAX_CODE_LEN=MAX_CODE_LEN,
-        num_warps=num_warps,
+        num_warps=num_warps, enable_fp_fusion=False,
     )
     # A CUDA graph cannot read the flag while it is captured, nor a compiled graph while it is
     # traced; replaying either skips the check.
@@ -315,7 +315,7 @@ def gemv(x, codes, raw, gaps, block_starts, table, out_features, total_bits, win
             batch, out_features * in_features, in_features, total_bits, window_bits, windows, windows_per_block,
             blocks, x.stride(0), acc.stride(0),
             DTYPE=_DTYPE_CODE[x.dtype], RAW_BYTES=raw_bytes, SHIFT=shift, LANES=lanes, BATCH=tile,
-            MAX_CODE_LEN=MAX_CODE_LEN, num_warps=num_warps,
+            MAX_CODE_LEN=MAX_CODE_LEN, num_warps=num_warps, enable_fp_fusion=True,
         )
         acc = torch.where(flag != 0, float("nan"), acc)
     if bias is not None:

@@ -323,7 +323,7 @@ def matmul(x, xq, row_scale, col_flags, x_static, weight, weight_scale, static_w
         weight_scale, _nonempty(static_weight), weight_scale if bias is None else bias, y,
         m, n, k, s, threshold,
         x.stride(0), xq.stride(0), x_static.stride(0), weight.stride(0), y.stride(0),
-        DYNAMIC=threshold > 0, HAS_BIAS=bias is not None, **_dot_options(x), **config,
+        DYNAMIC=threshold > 0, HAS_BIAS=bias is not None, **_dot_options(x), **config, enable_fp_fusion=True,
     )
     return y
 
@@ -413,7 +413,7 @@ def gemv(x, weight, weight_scale, static_idx, static_weight, bias):
         m, n, k, s, x.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, **_dot_options(x),
         BLOCK_M=_GEMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=_GEMV_BLOCK_K[x.dtype], BLOCK_S=32,
-        num_warps=4, num_stages=4,
+        num_warps=4, num_stages=4, enable_fp_fusion=True,
     )
     return y
 

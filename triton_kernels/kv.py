@@ -156,7 +156,8 @@ def decode_attention(query, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, 
         wrap_triton(_kv_decode_attention_kernel)[(b * hkv, splits)](
             *args, mask_t, m, lsum, acc, hq, hkv, length, d, nb, r, per_split, float(scaling), stride_mb, stride_mh,
             G=group, BITS=bits, HAS_MASK=mask is not None, BLOCK_Q=block_q, BLOCK_T=max(16, triton.next_power_of_2(group)),
-            BLOCK_D=block_d, num_warps=4 if block_q * block_d <= 4096 else 8)
+            BLOCK_D=block_d, num_warps=4 if block_q * block_d <= 4096 else 8,
+            enable_fp_fusion=False)  # K and V dequantized as the reference (the product, then the sum)
     else:
         m.fill_(float("-inf"))
         lsum.zero_()
@@ -253,7 +254,7 @@ def quantize_groups(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, z
     block_r = max(1, 2048 // (block_k * per))
     wrap_triton(_kv_quantize_kernel)[(triton.cdiv(rows, block_r),)](
         x, codes, scale, zero, rows, stride, G=group, BITS=bits, STORE16=x.element_size() == 2, BLOCK_R=block_r,
-        BLOCK_K=block_k)
+        BLOCK_K=block_k, enable_fp_fusion=False)  # bit-exact
 
 
 def quantize(keys: torch.Tensor, values: torch.Tensor, bits: int, group: int):
