@@ -169,6 +169,18 @@ def assert_same_greedy(got: list[list[int]], want: list[tuple[list[int], list[fl
 
 
 # -- tests ------------------------------------------------------------------------------------------
+def test_plugin_registers_through_the_entry_point():
+    code = ("import sys, lowbit; assert 'vllm' not in sys.modules, 'import lowbit imported vllm'; "
+            "from vllm.plugins import load_general_plugins; load_general_plugins(); "
+            "from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config; "
+            "assert 'lowbit' in QUANTIZATION_METHODS, 'the entry point did not register lowbit'; "
+            "import lowbit.integrations.vllm as plugin; plugin.register(); plugin.register(); "
+            "assert QUANTIZATION_METHODS.count('lowbit') == 1, QUANTIZATION_METHODS; "
+            "assert get_quantization_config('lowbit') is plugin.LowbitVllmConfig")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("method", ["int8", "codebook"])
 def test_tokens_equal_transformers(folders, method):
     got = run_engine({"model": str(folders[method]), "prompts": PROMPTS})
