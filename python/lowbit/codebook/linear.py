@@ -115,6 +115,30 @@ class CodebookLinear(LowbitLinear):
                 "codebook_dtype": str(self.codebooks.dtype).removeprefix("torch."),
                 "scale_dtype": str(self.scales.dtype).removeprefix("torch.")}
 
+    def _narrow(self, dim: int, start: int, length: int) -> "CodebookLinear":
+        # Every shard keeps the codebooks whole; rows take their codes and scales, columns whole
+        # input groups of codes (a group cannot be split: its codeword spans group_size columns).
+        stop = start + length
+        if dim == 0:
+            part = CodebookWeight(self.codes[start:stop].clone(), self.codebooks.clone(), self.scales[start:stop].clone())
+            shape = (self.in_features, length)
+        else:
+            g = self.group_size
+            if start % g or length % g:
+                raise ValueError(f"a column shard of a codebook layer must hold whole input groups of group_size = "
+                                 f"{g} columns; columns [{start}, {stop}) split a group (start and length must be "
+                                 f"multiples of {g})")
+            part = CodebookWeight(self.codes[:, start // g:stop // g].clone(), self.codebooks.clone(),
+                                  self.scales.clone())
+            shape = (length, self.out_features)
+        module = type(self)(*shape, self.bias is not None and dim == 0, self.num_codebooks, self.nbits,
+                            self.group_size, dtype=self._dtype, device="meta", backend=self.backend,
+                            codebook_dtype=self.codebooks.dtype, scale_dtype=self.scales.dtype)
+        module._set_weight(part)
+        self._narrowed_bias(module, dim, start, length)
+        module._moved()
+        return module
+
     def dequantize(self) -> torch.Tensor:
         return ops.codebook_dequantize(self.codes, self.codebooks, self.scales, self._dtype, backend=self.backend)
 

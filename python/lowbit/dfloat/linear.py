@@ -157,6 +157,19 @@ class DFloatLinear(LowbitLinear):
         """The decoded weight (decoded at every access: it is not kept)."""
         return self.dequantize()
 
+    def _narrow(self, dim: int, start: int, length: int) -> "DFloatLinear":
+        # A Huffman stream cannot be cut at a row or column: decode this weight, take the part,
+        # and encode the part again (losslessly: the shard's weight is the same bits). Only this
+        # layer's weight is ever dense, never a whole model.
+        part = self._decoded().narrow(dim, start, length).contiguous()
+        shape = (self.in_features, length) if dim == 0 else (length, self.out_features)
+        module = type(self)(*shape, self.bias is not None and dim == 0, dtype=self._dtype, device="meta",
+                            mode=self.mode, backend=self.backend)
+        module._set_weight(compress(part))
+        self._narrowed_bias(module, dim, start, length)
+        module._moved()
+        return module
+
     def _bias_header_fields(self, bias: torch.Tensor) -> list[int]:
         return [bias.numel(), DTYPE_CODES.get(bias.dtype, 0)]
 

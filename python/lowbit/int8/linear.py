@@ -139,6 +139,26 @@ class Int8Linear(LowbitLinear):
     def _config_extra(self) -> dict:
         return {"threshold": self._threshold, "gemv_max_rows": self.gemv_max_rows}
 
+    def _narrow(self, dim: int, start: int, length: int) -> "Int8Linear":
+        # Rows keep their scales; a column shard keeps every row's scale whole (the absmax of the
+        # full row, so each int8 weight still means what it meant) and the static columns inside it.
+        stop = start + length
+        if dim == 0:
+            part = Int8Weight(self.weight[start:stop].clone(), self.weight_scale[start:stop].clone(),
+                              self.static_idx.clone(), self.static_weight[start:stop].clone())
+            shape = (self.in_features, length)
+        else:
+            inside = (self.static_idx >= start) & (self.static_idx < stop)
+            part = Int8Weight(self.weight[:, start:stop].clone(), self.weight_scale.clone(),
+                              (self.static_idx[inside] - start).to(torch.int32), self.static_weight[:, inside].clone())
+            shape = (length, self.out_features)
+        module = type(self)(*shape, self.bias is not None and dim == 0, self._threshold, dtype=self._dtype,
+                            device="meta", backend=self.backend, gemv_max_rows=self.gemv_max_rows)
+        module._setup(part, self._threshold, self.gemv_max_rows)
+        self._narrowed_bias(module, dim, start, length)
+        module._moved()
+        return module
+
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.weight, self.weight_scale, self.static_idx, self.static_weight, self._dtype)
 

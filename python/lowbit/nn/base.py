@@ -11,6 +11,9 @@
   tensors whose dtype is part of the format (scales, codes) keep their dtype.
 - ``dequantize()`` gives the weight the layer stands for, [out, in] in the compute dtype.
 - ``config()`` / ``cls.from_config(config)``: the constructor arguments as a JSON-friendly dict.
+- ``narrow(dim, start, length)``: the layer of output rows (dim 0) or input columns (dim 1)
+  ``[start, start + length)``, in the same stored form (a tensor-parallel shard); column shards
+  carry no bias, so that the shards' outputs summed plus the bias give the layer's output.
 - The backend of the layer's ops is resolved when it is built or moved (``backend=`` argument,
   else ``LOWBIT_BACKEND``, else auto), never inside forward.
 """
@@ -77,6 +80,10 @@ class LowbitLinear(nn.Module):
     def _config_extra(self) -> dict:
         return {}
 
+    def _narrow(self, dim: int, start: int, length: int) -> "LowbitLinear":
+        """The shard ``narrow`` returns, its arguments checked."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be narrowed (sharded)")
+
     # -- the protocol ---------------------------------------------------------------------------
     @property
     def backend(self) -> str | None:
@@ -114,6 +121,29 @@ class LowbitLinear(nn.Module):
             raise ValueError(f"config's dtype must name a torch dtype, got {dtype_name!r}")
         return cls(config.pop("in_features"), config.pop("out_features"), config.pop("bias", True), dtype=dtype,
                    device=device, backend=backend, **config)
+
+    def narrow(self, dim: int, start: int, length: int) -> "LowbitLinear":
+        """A new layer of this one's output rows (``dim=0``) or input columns (``dim=1``)
+        ``[start, start + length)``, in the same stored form, dtype and backend: what one
+        tensor-parallel rank holds of a column-parallel (dim 0) or row-parallel (dim 1) layer.
+        A column shard has no bias (add it once to the sum of the shards' outputs)."""
+        if dim not in (0, 1) or isinstance(dim, bool):
+            raise ValueError(f"dim must be 0 (output rows) or 1 (input columns), got {dim!r}")
+        size = (self.out_features, self.in_features)[dim]
+        for name, value in (("start", start), ("length", length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if start + length > size:
+            raise ValueError(f"start + length must be at most {('out_features', 'in_features')[dim]} = {size}, got "
+                             f"{start} + {length}")
+        return self._narrow(dim, start, length)
+
+    def _narrowed_bias(self, module: "LowbitLinear", dim: int, start: int, length: int) -> None:
+        """Give a row shard its part of the bias (column shards have none)."""
+        if self.bias is not None and dim == 0:
+            module.bias = nn.Parameter(self.bias.detach()[start:start + length].clone(), requires_grad=False)
+        elif self.bias is not None:
+            module.bias = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # One cheap test on the hot path; _refuse says what is wrong. A device mismatch within one
