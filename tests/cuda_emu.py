@@ -24,6 +24,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 EMU = Path(__file__).resolve().parent / "cuda_emu"
 
@@ -200,3 +202,15 @@ def build(family: str) -> ctypes.CDLL:
         os.replace(tmp, lib)
     _LIBS[family] = ctypes.CDLL(str(lib))
     return _LIBS[family]
+
+
+def library(family: str) -> ctypes.CDLL:
+    """build(family) for a test, which is skipped (saying why) where no C++ compiler is found."""
+    if compiler() is None:
+        pytest.skip("no C++ compiler for the CUDA emulation")
+    return build(family)
+
+
+def pointer(t) -> ctypes.c_void_p:
+    """A tensor's data as a ctypes pointer; null for None or an empty tensor."""
+    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)

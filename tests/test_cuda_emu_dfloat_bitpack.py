@@ -19,6 +19,7 @@ from conftest import param_id
 from dfloat_data import all_16bit_patterns, packed_codes, random_fp32_patterns
 
 cuda_emu = pytest.importorskip("cuda_emu")
+_p = cuda_emu.pointer
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2, torch.uint8: 3}
@@ -29,13 +30,9 @@ CONFIGS = [(32, 2), (64, 4), (96, 33), (256, 128)]
 
 @pytest.fixture(scope="module")
 def lib():
-    if cuda_emu.compiler() is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
-    return cuda_emu.build("dfloat")
+    return cuda_emu.library("dfloat")
 
 
-def _p(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)
 
 
 class Stream:
@@ -207,9 +204,7 @@ def test_gemv_matches_reference(lib, shape, batch, has_bias):
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (5, 64), (2, 1001), (3, 4096)], ids=param_id)
 def test_pack_unpack_bits(rows, n, bits):
-    if cuda_emu.compiler() is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
-    lib = cuda_emu.build("bitpack")
+    lib = cuda_emu.library("bitpack")
     g = torch.Generator().manual_seed(rows * n + bits)
     values = torch.randint(0, 1 << bits, (rows, n), generator=g, dtype=torch.uint8)
     if bits not in bitref.SUPPORTED_BITS:  # refused, nothing written

@@ -15,6 +15,7 @@ from lowbit.reference import int8 as ref
 from conftest import param_id
 
 cuda_emu = pytest.importorskip("cuda_emu")
+_p = cuda_emu.pointer
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -24,13 +25,9 @@ INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float
 
 @pytest.fixture(scope="module")
 def lib():
-    if cuda_emu.compiler() is None:
-        pytest.skip("no C++ compiler for the CUDA emulation")
-    return cuda_emu.build("int8")
+    return cuda_emu.library("int8")
 
 
-def _p(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None and t.numel() else None)
 
 
 def _x(shape, dtype, seed, scale=3.0):

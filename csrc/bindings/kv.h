@@ -5,6 +5,7 @@
 #pragma once
 
 #include <optional>
+#include <tuple>
 
 #include "bindings/common.h"
 
@@ -86,6 +87,19 @@ inline void check_quantize(const at::Tensor& keys, const at::Tensor& values, int
   TORCH_CHECK_VALUE(T % group == 0, "keys hold ", T, " tokens, not a multiple of group (", group,
                     "): keys are quantized in whole blocks");
   TORCH_CHECK_VALUE(D % group == 0, "head_dim (", D, ") must be a multiple of group (", group, ")");
+}
+
+// kv_quantize's outputs for keys [B, H, T, D] (checked), uninitialized on keys' device: k_codes
+// [B, H, T/G, D, G bits/8] uint8, k_scale / k_zero [B, H, T/G, D], v_codes [B, H, T, D bits/8]
+// uint8, v_scale / v_zero [B, H, T, D/G], scales and zeros of keys' dtype.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantized_outputs(
+    const at::Tensor& keys, int64_t bits, int64_t group) {
+  const int64_t B = keys.size(0), H = keys.size(1), T = keys.size(2), D = keys.size(3);
+  const auto u8 = keys.options().dtype(at::kByte);
+  at::Tensor k_scale = at::empty({B, H, T / group, D}, keys.options());
+  at::Tensor v_scale = at::empty({B, H, T, D / group}, keys.options());
+  return {at::empty({B, H, T / group, D, group * bits / 8}, u8), k_scale, at::empty_like(k_scale),
+          at::empty({B, H, T, D * bits / 8}, u8), v_scale, at::empty_like(v_scale)};
 }
 
 }  // namespace lowbit::kv_checks

@@ -78,11 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(keys_in.device());
   const int64_t B = keys_in.size(0), H = keys_in.size(1), T = keys_in.size(2), D = keys_in.size(3);
   const at::Tensor keys = keys_in.contiguous(), values = values_in.contiguous();
-  const auto u8 = keys.options().dtype(at::kByte);
-  at::Tensor k_codes = at::empty({B, H, T / group, D, group * bits / 8}, u8);
-  at::Tensor k_scale = at::empty({B, H, T / group, D}, keys.options()), k_zero = at::empty_like(k_scale);
-  at::Tensor v_codes = at::empty({B, H, T, D * bits / 8}, u8);
-  at::Tensor v_scale = at::empty({B, H, T, D / group}, keys.options()), v_zero = at::empty_like(v_scale);
+  at::Tensor k_codes, k_scale, k_zero, v_codes, v_scale, v_zero;
+  std::tie(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero) = kv_checks::quantized_outputs(keys, bits, group);
   if (keys.numel() > 0) {
     check_cuda(cuda::kv::quantize(kv_dtype(keys.scalar_type()), keys.const_data_ptr(), values.const_data_ptr(), B, H,
                                   T, D, group, static_cast<int>(bits), k_codes.data_ptr<uint8_t>(),
