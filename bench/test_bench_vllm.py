@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 import harness  # noqa: E402
 import lowbit  # noqa: E402
-from lowbit.evaluation import cache_dir, load_dense  # noqa: E402
+from lowbit.evaluation import cache_dir, load_dense, padded_heads  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "List three colors:"]
 NEW_TOKENS = 64
@@ -96,25 +96,8 @@ def _run(request: dict) -> dict:
 def _padded(dtype: torch.dtype):
     """SmolLM2 with 12 query / 4 KV heads: 3 zero query heads read a zero KV head, and their
     output meets zero columns of o_proj (the same function, heads divisible by 2)."""
-    import transformers
-
     model, tokenizer = load_dense("smollm2", dtype=dtype)
-    config = model.config
-    heads, kv, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    padded = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        **{**config.to_dict(), "num_attention_heads": 12, "num_key_value_heads": 4, "head_dim": dim})).to(dtype)
-    state = {}
-    for name, t in model.state_dict().items():
-        if name.endswith("q_proj.weight"):
-            t = torch.cat([t, t.new_zeros((12 - heads) * dim, t.shape[1])])
-        elif name.endswith(("k_proj.weight", "v_proj.weight")):
-            t = torch.cat([t, t.new_zeros((4 - kv) * dim, t.shape[1])])
-        elif name.endswith("o_proj.weight"):
-            t = torch.cat([t, t.new_zeros(t.shape[0], (12 - heads) * dim)], dim=1)
-        state[name] = t
-    padded.load_state_dict(state, strict=False)
-    padded.tie_weights()
-    return padded.eval(), tokenizer
+    return padded_heads(model, 12, 4), tokenizer
 
 
 def _checkpoint(method: str, dtype: torch.dtype) -> Path:

@@ -89,3 +89,15 @@ def test_a_flipped_byte_in_a_real_shard_is_refused(dense, tmp_path):
         lowbit.load(tmp_path)
     with pytest.raises(lowbit.FormatError, match="checksum mismatch"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_padded_heads_is_the_same_function(dense):
+    """SmolLM2 padded from 9 / 3 to 12 / 4 heads (what tensor parallelism over 2 ranks needs) gives
+    the same logits; a padding that changes the query heads per KV head is refused."""
+    model, _ = evaluation.load_dense(evaluation.MODEL)
+    padded = evaluation.padded_heads(model, 12, 4)
+    assert padded.config.num_attention_heads == 12 and padded.config.num_key_value_heads == 4
+    ids = dense["ids"]
+    torch.testing.assert_close(_logits(padded, ids), dense["logits"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="kv_heads"):
+        evaluation.padded_heads(model, 12, 6)

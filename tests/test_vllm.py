@@ -38,7 +38,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here: these tests run 
 import torch  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit.evaluation import load_dense  # noqa: E402
+from lowbit.evaluation import load_dense, padded_heads  # noqa: E402
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "List three colors:"]
@@ -208,26 +208,8 @@ def test_dfloat_equals_dense(folders, tmp_path):
 def _padded_smollm2(path: Path) -> Path:
     """SmolLM2 with 12 query / 4 KV heads (3 zero query heads reading a zero KV head, whose
     attention output meets zero columns of o_proj): the same function, heads divisible by 2."""
-    import transformers
-
     model, tokenizer = load_dense("smollm2")
-    config = model.config
-    heads, kv, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    padded_config = transformers.LlamaConfig(**{**config.to_dict(), "num_attention_heads": 12,
-                                                "num_key_value_heads": 4, "head_dim": dim})
-    padded = transformers.LlamaForCausalLM(padded_config).to(torch.float32).eval()
-    state = model.state_dict()
-    new = {}
-    for name, t in state.items():
-        if name.endswith("q_proj.weight"):
-            t = torch.cat([t, t.new_zeros((12 - heads) * dim, t.shape[1])])
-        elif name.endswith(("k_proj.weight", "v_proj.weight")):
-            t = torch.cat([t, t.new_zeros((4 - kv) * dim, t.shape[1])])
-        elif name.endswith("o_proj.weight"):
-            t = torch.cat([t, t.new_zeros(t.shape[0], (12 - heads) * dim)], dim=1)
-        new[name] = t
-    padded.load_state_dict(new, strict=False)
-    padded.tie_weights()
+    padded = padded_heads(model, 12, 4)
     # One layer of each family, the rest dense: every family shards, fused and row-parallel.
     lowbit.quantize(padded, "codebook", filter_fn=_first_layers(1), kmeans_iterations=2, refinements=0,
                     progress=False)

@@ -92,6 +92,34 @@ def load_dense(name: str = MODEL, *, dtype: torch.dtype = torch.float32):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
 
 
+def padded_heads(model: nn.Module, heads: int, kv_heads: int) -> nn.Module:
+    """A Llama-architecture ``model`` with ``heads`` query and ``kv_heads`` KV heads (no fewer than
+    it has, and as many query heads per KV head): the added query heads and KV heads are zeros, and
+    their attention output meets zero columns of o_proj, so the padded model is the same function.
+    For tensor-parallel sizes its own heads do not divide (SmolLM2's 9 / 3 and 2 ranks: 12 / 4)."""
+    transformers = _quiet_transformers()
+    config = model.config
+    have, have_kv, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    if heads < have or kv_heads < have_kv or heads * have_kv != kv_heads * have:
+        raise ValueError(f"heads ({heads}) and kv_heads ({kv_heads}) must keep the model's {have} / {have_kv} "
+                         f"query heads per KV head and not be fewer")
+    padded = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **{**config.to_dict(), "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+           "head_dim": dim})).to(model.dtype)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith("q_proj.weight"):
+            t = torch.cat([t, t.new_zeros((heads - have) * dim, t.shape[1])])
+        elif name.endswith(("k_proj.weight", "v_proj.weight")):
+            t = torch.cat([t, t.new_zeros((kv_heads - have_kv) * dim, t.shape[1])])
+        elif name.endswith("o_proj.weight"):
+            t = torch.cat([t, t.new_zeros(t.shape[0], (heads - have) * dim)], dim=1)
+        state[name] = t
+    padded.load_state_dict(state, strict=False)
+    padded.tie_weights()
+    return padded.eval()
+
+
 def _cache_smollm2(target: Path) -> None:
     """Load the packaged GGUF once and keep a dense copy (written to a temporary folder, then
     renamed into place, so an interrupted run leaves no half copy)."""
