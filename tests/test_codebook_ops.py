@@ -1,6 +1,6 @@
 """The codebook family's CPU ops (csrc/cpu/codebook.cpp, csrc/bindings/codebook.cpp) against the
-reference (lowbit.reference.codebook): the product on both of its paths (lookup tables for few
-rows of 8-bit codes, decoded tiles into the dense GEMM otherwise) within the derived bound of
+reference (lowbit.reference.codebook): the product on every path (FMAs, lookup tables, AVX512-BF16
+dot products, AMX tiles, decoded tiles into the dense GEMM; each forced on each ISA build) within the derived bound of
 helpers.codebook_bound, the dequantization bit for bit, the encoder's nearest-codeword search, every
 ISA build the host runs, and the argument checks."""
 
@@ -198,6 +198,83 @@ def test_cpu_kernels_on_every_isa(isa):
         return
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.split("NEAREST")[1]) > 0.99
+
+
+def _host_has(*flags):
+    have = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    return set(flags) <= have
+
+
+PRODUCT_PATHS = {  # path: whether this host runs it (else forcing it must raise)
+    "fma": True, "lut": True, "tiled": True, "auto": True,
+    "dot": _host_has("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"),
+    "amx": _host_has("amx_tile", "amx_bf16"),
+}
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("path", sorted(PRODUCT_PATHS))
+def test_every_product_path(path, isa):
+    """Each path of the CPU product (forced through LOWBIT_CPU_CODEBOOK in a fresh process, read
+    once) on each ISA build: every configuration it takes, rows at its edges, odd shapes, bias, and a
+    layer large enough for the decode table (the AMX and dot kernels read W through it from
+    2^20 groups on, summing the fp32 codebooks below) stays within the derived bound. A path the host
+    or the input cannot run raises, naming the variable."""
+    if not _host_isas()[isa]:
+        pytest.skip(f"this CPU has no {isa}")
+    code = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, "tests")
+        from lowbit import ops
+        from lowbit.reference import codebook as ref
+        from helpers import codebook_bound
+        from test_codebook_ops import CONFIGS, layer
+        path = sys.argv[1]
+        bf16_only = path in ("dot", "amx")
+        most = {"dot": 4, "lut": 4}.get(path, 70)
+        cases = [(config, out, groups, rows) for config in CONFIGS for (out, groups) in [(37, 5), (9, 40)]
+                 for rows in (1, 2, 3, 4, 5, 9, 33, 70)]
+        cases += [((2, 8, 8), 2048, 512, rows) for rows in (1, 4, 5)]  # 2^20 groups: with the table
+        done = 0
+        for config, out, groups, rows in cases:
+            if config[1] == 16:
+                groups = min(groups, 3)
+            if rows > most or (path == "lut" and config[1] == 16) or (bf16_only and config == (2, 16, 4)):
+                continue
+            codes, books, scales = layer(out, groups, config)
+            gen = torch.Generator().manual_seed(rows)
+            x = torch.randn(rows, groups * config[2], generator=gen)
+            bias = torch.randn(out, generator=gen)
+            for dtype in ((torch.bfloat16,) if bf16_only else (torch.bfloat16, torch.float16, torch.float32)):
+                b = bias.to(dtype) if rows % 2 else None
+                got = ops.codebook_matmul(x.to(dtype), codes, books, scales, b, backend="cpu")
+                want = ref.matmul(x.to(dtype), codes, books, scales, b)
+                bound = codebook_bound(x.to(dtype), codes, books, scales, b, want)
+                assert got.dtype == dtype
+                assert bool(((got.double() - want.double()).abs() <= bound).all()), (config, out, groups, rows, dtype)
+                done += 1
+        # What the path cannot take raises, naming the variable.
+        codes, books, scales = layer(8, 3, (1, 16, 8))
+        refused = 0
+        for x in (torch.randn(5, 24), torch.randn(1, 24).to(torch.float16)):
+            try:
+                ops.codebook_matmul(x, codes, books, scales, backend="cpu")
+            except ValueError as e:
+                assert "LOWBIT_CPU_CODEBOOK=" + path in str(e), e
+                refused += 1
+        print("DONE", done, "REFUSED", refused)
+    """)
+    env = {**os.environ, "LOWBIT_CPU_ISA": isa, "LOWBIT_CPU_CODEBOOK": path}
+    result = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True, text=True, timeout=600,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not PRODUCT_PATHS[path] or (path in ("dot", "amx") and isa != "avx512"):  # kernels of the AVX-512 build
+        assert result.returncode != 0 and f"LOWBIT_CPU_CODEBOOK={path} needs" in result.stderr, result.stderr[-2000:]
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    done, refused = (int(v) for v in result.stdout.split()[1::2])
+    assert done > 0
+    # lut refuses 16-bit codes, dot and amx fp32 and fp16 x; the others take everything.
+    assert refused == {"lut": 2, "dot": 2, "amx": 2}.get(path, 0)
 
 
 def test_opcheck():

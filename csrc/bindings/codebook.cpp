@@ -1,13 +1,16 @@
-// Torch glue of the codebook family on the CPU: the product straight from the codes (a lookup table
-// for few rows of 8-bit codes, decoded tiles of W into the host's dense GEMM otherwise), the
-// dequantization, and the encoder's nearest-codeword search.
+// Torch glue of the codebook family on the CPU: the product straight from the codes (on the path
+// auto_path picks per host, rows and layer: FMAs on W summed from the codebooks, lookup tables, AVX512-BF16
+// dot products, AMX tiles, or decoded tiles of W into the host's dense GEMM), the dequantization,
+// and the encoder's nearest-codeword search.
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <omp.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "bindings/codebook.h"
 #include "bindings/per_weight.h"
@@ -16,15 +19,9 @@
 namespace lowbit {
 namespace {
 
-// Up to this many rows, 8-bit codes take the lookup-table product (when neither of the bf16 paths
-// below runs): its cost grows with the rows (one table and one lookup per code per row), the
-// decoded tiles' with the weight.
+// The most rows the lookup-table product takes (forced only: its cost grows with the rows, one table
+// and one lookup per code per row, and the FMA product is faster from 2 rows on).
 constexpr int64_t kLutMaxRows = 4;
-// bf16 x on hosts with AVX512-BF16 takes the dot product (cpu/codebook_dot.cpp) up to this many
-// rows where AMX tiles run above it, and up to kDotMaxRows elsewhere. Measured (4096 x 4096, 2x8,
-// Xeon with AMX, 2 threads, bf16 F.linear 1.0-1.1 ms): the dot product 0.52, 0.61, 0.74, 0.95 ms at
-// 1-4 rows; AMX tiles 0.9-0.95 ms at 2-16 rows; the lookup tables 0.57 ms at 1 row, 1.45 at 2.
-constexpr int64_t kDotMaxRowsBeforeAmx = 3;
 // Output rows per tile of the decoded product: 256 x 4096 bf16 is 2 MB.
 constexpr int64_t kTileRows = 256;
 
@@ -76,6 +73,18 @@ at::Tensor decode_table(const at::Tensor& codebooks, at::ScalarType dtype) {
   });
 }
 
+// Two codebooks of 8-bit codes have a decode table of 65536 sums (1 MB in bf16) per layer; the AMX
+// and dot kernels read W through it only when the layer has at least this many groups (16 lookups
+// per entry), and sum the fp32 codebooks (16 KB, in L1) otherwise: a small layer would fetch most of
+// its table from memory on every call, and keep 1 MB of tables beside a few hundred KB of codes.
+// Measured (SmolLM2's 7 linears x 30 layers, 2x8, bf16 x, 16 rows, AMX, 1 thread): 52 ms with the
+// tables against 23 ms without; 4096 x 4096 layers are faster with them (27 ms against 40 ms).
+constexpr int64_t kTableMinGroups = 16 * 65536;
+
+bool wants_table(const cpu::codebook::Layer& w) {
+  return w.codes16 != nullptr || w.C == 1 || w.N * w.G >= kTableMinGroups;
+}
+
 // y = x W^T + bias by tiles of output rows: each thread decodes a tile of W into x's dtype (in its
 // L2), multiplies it with x through ATen's dense GEMM of that dtype, single-threaded inside the
 // parallel region (oneDNN, on AMX for bf16 where the host has it), then scales the tile's columns
@@ -86,7 +95,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& codebooks, const 
                         const std::optional<at::Tensor>& bias) {
   const int64_t M = x.size(0), N = w.N, K = w.G * w.g;
   at::Tensor y = at::empty({M, N}, x.options());
-  const at::Tensor table = decode_table(codebooks, x.scalar_type());
+  const at::Tensor table = wants_table(w) ? decode_table(codebooks, x.scalar_type()) : at::Tensor();
   const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
   const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
   const int64_t tile = std::min<int64_t>(N, kTileRows);
@@ -127,6 +136,78 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& codebooks, const 
   return y;
 }
 
+// The path auto takes. Measured on a Xeon with AMX, 1 thread, each layer its own codebooks as in a
+// model (SmolLM2's 7 linears x 30 layers, and 6 x 4096 x 4096 + 2 x 14336 x 4096; 2x8; ms per pass,
+// bench/test_bench_codebook.py has the same comparison):
+//   bf16 x   rows:       1          2          4          8          16
+//     FMA             10.7/17.3  10.7/20.0  13.0/25.4  24.5/49.7  46/90
+//     AMX             21.0/27.0  15.5/26.3  19.5/26.7  18.4/25.1  21/25
+//     dot (table)     39.8/20.0  47.5/18.8  61.9/23.8
+//     lookup tables   12.1/13.9  22.7/35.2  51/83
+//   fp32 x: FMA 9.7/18.3 at 1 row, 12.1/24.9 at 4, 44.7/91 at 16, 86.7/171 at 32, 171/337 at 64;
+//   decoded tiles into ATen's GEMM 105/127, 108/158, 131/201, 154/240, 196/313.
+// So: AMX tiles above kFmaMaxRowsBeforeAmx rows of bf16 x where the host has them; the dot product
+// for one codebook (its table is the codebook itself, in L1 for 8-bit codes); the lookup tables for
+// one row of a layer of at least kLutMinGroups groups; the FMA product up to kFmaMaxRows rows; decoded
+// tiles above.
+constexpr int64_t kFmaMaxRowsBeforeAmx = 4;
+constexpr int64_t kFmaMaxRows = 32;
+constexpr int64_t kLutMinGroups = 1 << 20;
+
+enum class Path { kAuto, kDot, kAmx, kFma, kLut, kTiled };
+
+Path parse_path(const std::string& path) {
+  if (path == "auto") return Path::kAuto;
+  if (path == "dot") return Path::kDot;
+  if (path == "amx") return Path::kAmx;
+  if (path == "fma") return Path::kFma;
+  if (path == "lut") return Path::kLut;
+  if (path == "tiled") return Path::kTiled;
+  TORCH_CHECK_VALUE(false, "LOWBIT_CPU_CODEBOOK must be one of auto, dot, amx, fma, lut, tiled, got '", path, "'");
+  return Path::kAuto;
+}
+
+// The product's path for this x and layer. LOWBIT_CPU_CODEBOOK forces one (for tests and
+// comparisons; read once): a path that cannot take this input (dot or amx without their
+// instructions or bf16 x, or for two codebooks of 16-bit codes; lut with 16-bit codes or above
+// kLutMaxRows rows) raises ValueError.
+Path auto_path(int64_t M, const cpu::codebook::Layer& w, bool dot, bool amx, bool lut) {
+  if (amx && M > kFmaMaxRowsBeforeAmx) return Path::kAmx;
+  if (dot && w.C == 1) return Path::kDot;
+  if (lut && M == 1 && w.N * w.G >= kLutMinGroups) return Path::kLut;
+  if (M <= kFmaMaxRows) return Path::kFma;
+  return amx ? Path::kAmx : Path::kTiled;
+}
+
+Path choose_path(at::ScalarType dtype, int64_t M, const cpu::codebook::Layer& w) {
+  static const Path forced = [] {
+    const char* env = std::getenv("LOWBIT_CPU_CODEBOOK");
+    return env && *env ? parse_path(env) : Path::kAuto;
+  }();
+  const bool bf16 = dtype == at::kBFloat16 && !(w.C == 2 && w.codes16 != nullptr);
+  const bool amx = bf16 && cpu::codebook::amx_bf16_available();
+  const bool dot = bf16 && M <= cpu::codebook::kDotMaxRows && cpu::codebook::dot_bf16_available();
+  const bool lut = w.codes8 != nullptr && M <= kLutMaxRows;
+  switch (forced) {
+    case Path::kAuto:
+      break;
+    case Path::kDot:
+      TORCH_CHECK_VALUE(dot, "LOWBIT_CPU_CODEBOOK=dot needs AVX512-BF16 (and the AVX-512 build), bf16 x of at most ",
+                        cpu::codebook::kDotMaxRows, " rows, and not two codebooks of 16-bit codes");
+      return forced;
+    case Path::kAmx:
+      TORCH_CHECK_VALUE(amx, "LOWBIT_CPU_CODEBOOK=amx needs AMX-BF16 (and the AVX-512 build), bf16 x, and not two "
+                        "codebooks of 16-bit codes");
+      return forced;
+    case Path::kLut:
+      TORCH_CHECK_VALUE(lut, "LOWBIT_CPU_CODEBOOK=lut needs 8-bit codes and at most ", kLutMaxRows, " rows");
+      return forced;
+    default:
+      return forced;
+  }
+  return auto_path(M, w, dot, amx, lut);
+}
+
 at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& codebooks,
                                const at::Tensor& scales, const std::optional<at::Tensor>& bias_in) {
   codebook_checks::check_matmul(x_in, codes, codebooks, scales, bias_in);
@@ -139,30 +220,36 @@ at::Tensor codebook_matmul_cpu(const at::Tensor& x_in, const at::Tensor& codes, 
   if (x.size(1) == 0) {
     return bias.has_value() ? bias->unsqueeze(0).expand({M, N}).contiguous() : at::zeros({M, N}, x.options());
   }
-  // bf16 x, and a decode table (every configuration but two codebooks of 16-bit codes): the dot
-  // product for a few rows, AMX tiles above, where the host has them.
-  const bool bf16 = x.scalar_type() == at::kBFloat16 && !(view.layer.C == 2 && view.layer.codes16 != nullptr);
-  const bool amx = bf16 && cpu::codebook::amx_bf16_available();
-  const bool dot = bf16 && M <= (amx ? kDotMaxRowsBeforeAmx : cpu::codebook::kDotMaxRows) &&
-                   cpu::codebook::dot_bf16_available();
-  if (dot || amx) {
-    const at::Tensor table = decode_table(codebooks, at::kBFloat16);
-    const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
-    at::Tensor y = at::empty({M, N}, x.options());
-    (dot ? cpu::codebook::matmul_dot_bf16 : cpu::codebook::matmul_amx_bf16)(
-        x.const_data_ptr<c10::BFloat16>(), M, view.layer, table.const_data_ptr<c10::BFloat16>(),
-        bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<c10::BFloat16>());
-    return y;
-  }
-  if (codes.scalar_type() == at::kByte && M <= kLutMaxRows) {
-    // The tables are one small fp32 GEMM: x's groups [M * G, g] times every codeword [C * 256, g].
-    const int64_t g = view.layer.g;
-    const at::Tensor lut = at::mm(x.to(at::kFloat).reshape({-1, g}), view.books.reshape({-1, g}).t());
-    const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
-    at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-    cpu::codebook::lut_matmul(lut.const_data_ptr<float>(), M, view.layer,
-                              bf.defined() ? bf.const_data_ptr<float>() : nullptr, y.data_ptr<float>());
-    return y.to(x.scalar_type());
+  const Path path = choose_path(x.scalar_type(), M, view.layer);
+  const at::Tensor bf = bias.has_value() ? as_float(*bias) : at::Tensor();
+  const float* b = bf.defined() ? bf.const_data_ptr<float>() : nullptr;
+  switch (path) {
+    case Path::kDot:
+    case Path::kAmx: {
+      const bool table_used = path == Path::kDot || wants_table(view.layer);
+      const at::Tensor table = table_used ? decode_table(codebooks, at::kBFloat16) : at::Tensor();
+      at::Tensor y = at::empty({M, N}, x.options());
+      (path == Path::kDot ? cpu::codebook::matmul_dot_bf16 : cpu::codebook::matmul_amx_bf16)(
+          x.const_data_ptr<c10::BFloat16>(), M, view.layer, table.defined() ? table.const_data_ptr<c10::BFloat16>() : nullptr,
+          b, y.data_ptr<c10::BFloat16>());
+      return y;
+    }
+    case Path::kFma: {
+      const at::Tensor xf = x.to(at::kFloat).contiguous();
+      at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+      cpu::codebook::fma_matmul(xf.const_data_ptr<float>(), M, view.layer, b, y.data_ptr<float>());
+      return y.to(x.scalar_type());
+    }
+    case Path::kLut: {
+      // The tables are one small fp32 GEMM: x's groups [M * G, g] times every codeword [C * 256, g].
+      const int64_t g = view.layer.g;
+      const at::Tensor lut = at::mm(x.to(at::kFloat).reshape({-1, g}), view.books.reshape({-1, g}).t());
+      at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+      cpu::codebook::lut_matmul(lut.const_data_ptr<float>(), M, view.layer, b, y.data_ptr<float>());
+      return y.to(x.scalar_type());
+    }
+    default:
+      break;
   }
   return tiled_matmul(x, codebooks, view.layer, bias);
 }

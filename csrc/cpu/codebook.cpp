@@ -91,6 +91,24 @@ void lut_matmul(const float* lut, int64_t M, const Layer& w, const float* bias, 
   }
 }
 
+void fma_matmul(const float* x, int64_t M, const Layer& w, const float* bias, float* y) {
+  const int64_t N = w.N, K = w.G * w.g;
+  const int threads = N * K * std::min<int64_t>(M, kFmaMaxBlock) >= (1 << 16) ? omp_get_max_threads() : 1;
+  for (int64_t m0 = 0; m0 < M; m0 += kFmaMaxBlock) {
+    const int rows = static_cast<int>(std::min<int64_t>(kFmaMaxBlock, M - m0));
+    const float* xb = x + m0 * K;
+    float* yb = y + m0 * N;
+#pragma omp parallel num_threads(threads)
+    {
+      // Whole blocks of 4 output rows per thread (the widest build's side-by-side rows).
+      const int t = omp_get_thread_num(), count = omp_get_num_threads();
+      const int64_t quads = (N + 3) / 4;
+      const int64_t n0 = std::min(N, quads * t / count * 4), n1 = std::min(N, quads * (t + 1) / count * 4);
+      LOWBIT_ISA_CALL(fma_rows, xb, rows, w, n0, n1, bias, yb);
+    }
+  }
+}
+
 template <typename T>
 void decode_rows(const Layer& w, int64_t n0, int64_t n1, T* out) {
   LOWBIT_ISA_CALL(decode_rows<T>, w, n0, n1, out);

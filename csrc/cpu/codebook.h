@@ -29,6 +29,13 @@ struct Layer {
 // y[m, n] = scales[n] * sum_j sum_c lut[m][j][c][code(n, j, c)] + bias[n], y [M, N] fp32.
 void lut_matmul(const float* lut, int64_t M, const Layer& w, const float* bias, float* y);
 
+// y [M, N] (fp32) = x [M, K] (fp32) @ W^T + bias, for any M (rows of x in blocks of kFmaMaxBlock),
+// W summed from the fp32 codebooks group by group as the reference sums it, never stored, and
+// multiplied by fp32 FMAs (AVX2 / AVX-512 builds: 8 feature lanes per output row, summed at the end);
+// then each column scaled by scales[n], plus bias[n] (fp32, or null).
+constexpr int64_t kFmaMaxBlock = 4;
+void fma_matmul(const float* x, int64_t M, const Layer& w, const float* bias, float* y);
+
 // Rows [n0, n1) of W (scaled, summed in fp32 in codebook order, then converted to T: bit-exact
 // with the reference when T is float) into out, rows K = G * g apart.
 template <typename T>

@@ -163,8 +163,19 @@ inline void decode_tile(const Layer& w, const c10::BFloat16* table, int64_t n0, 
       alignas(64) uint16_t row[kStep] = {};
       if (n0 + c < w.N) {
         for (int q = 0; q < kGroups && k0 + q * G < K; ++q) {
-          const int64_t e = group_index<C, k16>(w, n0 + c, k0 / G + q);
-          memcpy(row + q * G, table + e * G, G * 2);
+          const int64_t j = k0 / G + q;
+          if constexpr (k16) {
+            memcpy(row + q * G, table + group_index<C, k16>(w, n0 + c, j) * G, G * 2);
+          } else {
+            // The table's value, summed here: 0 + the first codeword, plus the second, rounded once.
+            const uint8_t* code = w.codes8 + ((n0 + c) * w.G + j) * C;
+            for (int t = 0; t < G; ++t) {
+              float v = 0.f + w.books[static_cast<int64_t>(code[0]) * G + t];
+              if constexpr (C == 2) v += w.books[(w.E + code[1]) * G + t];
+              const c10::BFloat16 b(v);
+              memcpy(row + q * G + t, &b, 2);
+            }
+          }
         }
       }
       r[c] = _mm512_load_si512(row);
@@ -212,7 +223,7 @@ inline void block(const int8_t* a, const int8_t* b, int64_t steps, float* c) {
 // each step's two B tiles decoded through the table into an L1 buffer (two, alternating) and
 // multiplied at once. The table is read even for two 8-bit codebooks (1 MB, in L2 here: nothing
 // else is kept there): one 16-byte copy per group, against a sum and a conversion in registers.
-template <int C, bool k16, int G>
+template <int C, bool k16, int G, bool kTable>
 inline void stream_panel(const Layer& w, const c10::BFloat16* table, const int8_t* a, int64_t steps, int64_t n0,
                          bool two, int8_t* buf, float* c) {
   _tile_zero(0);
@@ -221,8 +232,8 @@ inline void stream_panel(const Layer& w, const c10::BFloat16* table, const int8_
   _tile_zero(3);
   for (int64_t s = 0; s < steps; ++s) {
     int8_t* b = buf + (s & 1) * 2 * kTileBytes;
-    decode_tile<C, k16, G, true>(w, table, n0, s, b);
-    decode_tile<C, k16, G, true>(w, table, n0 + 16, s, b + kTileBytes);
+    decode_tile<C, k16, G, kTable>(w, table, n0, s, b);
+    decode_tile<C, k16, G, kTable>(w, table, n0 + 16, s, b + kTileBytes);
     _tile_loadd(4, a + s * 2048, 64);
     _tile_loadd(6, b, 64);
     _tile_dpbf16ps(0, 4, 6);
@@ -290,7 +301,11 @@ void run(const c10::BFloat16* x, int64_t M, const Layer& w, const c10::BFloat16*
 #pragma omp for schedule(static)
       for (int64_t p = 0; p < panels; ++p) {
         const int64_t n0 = p * kPanel, cols = std::min<int64_t>(kPanel, N - n0);
-        stream_panel<C, k16, G>(w, table, a, steps, n0, M > 16, b, c);
+        if (k16 || table != nullptr) {
+          stream_panel<C, k16, G, true>(w, table, a, steps, n0, M > 16, b, c);
+        } else if constexpr (!k16) {
+          stream_panel<C, k16, G, false>(w, table, a, steps, n0, M > 16, b, c);
+        }
         finish(c, M, cols, w, bias, n0, y + n0);
       }
       release();
