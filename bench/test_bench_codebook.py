@@ -4,6 +4,7 @@ path, measured side by side in this process."""
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -131,6 +132,57 @@ def test_codebook_linear_vs_dense(benchmark, device, quick, rows, shape):
         except Exception as exc:  # noqa: BLE001 - an unavailable backend is reported, not fatal
             pytest.skip(f"{impl}: {exc}")
         measure(benchmark, case(impl, codes_bytes, "CodebookLinear"), lambda m: m(x), device, weights=(module,))
+
+
+# SmolLM2-135M's linears per decoder layer: q, k, v, o, gate, up, down ([out, in]).
+SMOLLM2_LINEARS = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16, 64])
+def test_codebook_model_stack_vs_dense(benchmark, device, quick, rows):
+    """A model's worth of layers, each with its own codes and codebooks, run one after the other as
+    a forward pass does (SmolLM2-135M's 7 linears x 30 layers, 2x8 g8): the caches hold none of a
+    layer's data when its turn comes, unlike one layer timed alone. Against the same stack dense in
+    bf16 and fp32 (the faster is the baseline); x in bf16, and in fp32 against fp32 dense (what an
+    fp32 model, e.g. vLLM on CPU in fp32, runs)."""
+    if device.type != "cpu":
+        pytest.skip("a CPU comparison")
+    layers = 2 if quick else 30
+    shapes = SMOLLM2_LINEARS * layers
+    modules = [_random_layer(shape) for shape in shapes]
+    dense = [m.dequantize() for m in modules]
+    dense32 = [w.float() for w in dense]
+    gen = torch.Generator().manual_seed(1)
+    xs = {k: torch.randn(rows, k, generator=gen).to(torch.bfloat16) for k in (576, 1536)}
+    xs32 = {k: v.float() for k, v in xs.items()}
+    weights = sum(o * i for o, i in shapes)
+    codes_bytes = sum(t.numel() * t.element_size() for m in modules for t in (m.codes, m.codebooks, m.scales))
+
+    def run(fns, inputs):
+        def go():
+            for fn, (out, features) in zip(fns, shapes):
+                fn(inputs[features])
+        return go
+
+    def case(backend, weight_bytes, name, dtype="bf16"):
+        return Case(op="codebook_matmul", case=f"codebook model stack SmolLM2 {len(shapes)} linears 2x8-g8 "
+                    f"M={rows} {dtype}", backend=backend, shapes={"linears": len(shapes), "x": [rows, "576|1536"]},
+                    dtype=dtype, bytes_moved=weight_bytes, flops=2 * rows * weights, peak_kind="gbps",
+                    extra={"name": name})
+
+    entries = [(case("baseline", 2 * weights, "F.linear bf16 stack"),
+                run([lambda x, w=w: F.linear(x, w) for w in dense], xs)),
+               (case("dense_fp32", 4 * weights, "F.linear fp32 stack"),
+                run([lambda x, w=w: F.linear(x, w) for w in dense32], xs32)),
+               (case("cpu", codes_bytes, "CodebookLinear stack"), run(modules, xs)),
+               (case("cpu", codes_bytes, "CodebookLinear stack, fp32 x", "fp32"),
+                run([copy.deepcopy(m).to(torch.float32) for m in modules], xs32))]
+    with torch.inference_mode():
+        records = measure_interleaved(benchmark, entries, device, rounds=5 if quick else 9)
+    harness.pair_fastest_dense(records[:3])
+    records[3]["cpu_isa"] = records[0]["cpu_isa"]
+    fp32_base = {**records[1], "case": records[3]["case"], "backend": "baseline", "dtype": "fp32"}
+    harness.RECORDS.append(fp32_base)  # the fp32-x record's baseline: the same fp32 timing
 
 
 @pytest.mark.parametrize("impl", ["aqlm", "lowbit"])

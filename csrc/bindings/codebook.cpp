@@ -151,7 +151,7 @@ at::Tensor tiled_matmul(const at::Tensor& x, const at::Tensor& codebooks, const 
 // one row of a layer of at least kLutMinGroups groups; the FMA product up to kFmaMaxRows rows; decoded
 // tiles above.
 constexpr int64_t kFmaMaxRowsBeforeAmx = 4;
-constexpr int64_t kFmaMaxRows = 32;
+constexpr int64_t kFmaMaxRows = 64;
 constexpr int64_t kLutMinGroups = 1 << 20;
 
 enum class Path { kAuto, kDot, kAmx, kFma, kLut, kTiled };
